@@ -1,0 +1,48 @@
+"""Tiny real-format models for tests: trained in about a second, no ../shared needed."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+DEMO_DATA = Path(__file__).resolve().parents[1] / "pipelines" / "demo_data"
+
+
+def train_tiny_tokenizer(out_path: Path, vocab_size: int = 320) -> Path:
+    """A LLaMA-like SentencePiece model (BPE, byte fallback, digits split, unk/bos/eos = 0/1/2)
+    trained on the English half of the demo corpus."""
+    import sentencepiece as spm
+
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    spm.SentencePieceTrainer.train(
+        input=str(DEMO_DATA / "corpus_en.txt"), model_prefix=str(out_path.with_suffix("")),
+        model_type="bpe", vocab_size=vocab_size, byte_fallback=True, split_digits=True,
+        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        normalization_rule_name="identity", add_dummy_prefix=True, num_threads=1,
+        minloglevel=2)
+    return out_path
+
+
+def make_tiny_hf_model(out_dir: Path, sp_model: Path, *, hidden: int = 64, layers: int = 2,
+                       heads: int = 4, kv_heads: int = 2, intermediate: int = 128,
+                       seed: int = 0) -> Path:
+    """A randomly initialised LlamaForCausalLM saved as safetensors with tokenizer files."""
+    import sentencepiece as spm
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from steps.tokenizer import save_hf_tokenizer
+
+    out_dir = Path(out_dir)
+    vocab = spm.SentencePieceProcessor(model_file=str(sp_model)).get_piece_size()
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=kv_heads, max_position_embeddings=256,
+                         rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=None,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    model.save_pretrained(out_dir)
+    save_hf_tokenizer(sp_model, out_dir)
+    (out_dir / "README.txt").write_text(json.dumps({"made_by": "tests/tiny.py", "seed": seed}))
+    return out_dir

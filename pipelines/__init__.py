@@ -1,0 +1,8 @@
+"""llamaflow orchestration: Prefect flows, the content-addressed stage cache, MLflow tracking, CLI."""
+import os
+
+# Offline and quiet by default (set before Prefect reads its settings): no analytics calls, and the
+# stages' own stdlib loggers (`steps.*`) forwarded into the Prefect run log.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "steps")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,155 @@
+"""`llamaflow` — the command line.
+
+    llamaflow run [--from STAGE] [-m] [hydra overrides...]   the lifecycle (or part of it)
+    llamaflow demo [--workdir DIR] [overrides...]           the tiny CPU lifecycle, loopback only
+    llamaflow config [overrides...]                         print the resolved config
+    llamaflow ui [--workdir DIR] [--port N]                 the MLflow UI on the workspace database
+    llamaflow serve | deploy                                Prefect deployments with schedules
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+STAGES = ["download", "convert", "vocab", "pretrain", "sft", "merge", "quantize", "evaluate"]
+_URL_OVERRIDE = re.compile(r"^(?P<key>[\w.]*url)=(?P<url>https?://(?P<host>[^/\s]*)\S*)$")
+
+
+def _workdir(overrides: list[str]) -> Path:
+    for o in overrides:
+        if o.startswith("workdir="):
+            return Path(o.split("=", 1)[1]).expanduser().resolve()
+    return Path(os.environ.get("LLAMAFLOW_WORKDIR", "workspace")).resolve()
+
+
+def _hide_secrets(overrides: list[str]) -> list[str]:
+    """A presigned URL given on the command line (`source.url=https://...?Signature=...`) moves to
+    an environment variable, so the signature never becomes a Prefect parameter, an MLflow param
+    or a log line; the override becomes `source.url_env=LLAMAFLOW_SOURCE_URL`."""
+    out = []
+    for o in overrides:
+        m = _URL_OVERRIDE.match(o)
+        if m and ("?" in m["url"] or "@" in m["host"]):
+            os.environ["LLAMAFLOW_SOURCE_URL"] = m["url"]
+            out += [f"{m['key']}=null", f"{m['key']}_env=LLAMAFLOW_SOURCE_URL"]
+        else:
+            out.append(o)
+    return out
+
+
+def _prepare_environment(workdir: Path) -> None:
+    """Before Prefect is imported: without PREFECT_API_URL the ephemeral Prefect server keeps its
+    SQLite database in the workspace, beside MLflow's."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not os.environ.get("PREFECT_API_URL"):
+        os.environ.setdefault("PREFECT_HOME", str(workdir / "prefect"))
+    import pipelines  # noqa: F401  (sets the offline defaults)
+
+
+def cmd_run(args) -> int:
+    overrides = _hide_secrets(args.overrides)
+    _prepare_environment(_workdir(overrides))
+    from pipelines.config import expand_sweep
+    from pipelines.lifecycle import lifecycle
+
+    runs = expand_sweep(overrides) if args.multirun else [overrides]
+    results = []
+    for i, ov in enumerate(runs):
+        if len(runs) > 1:
+            print(f"== multirun {i + 1}/{len(runs)}: {' '.join(ov)}", flush=True)
+        results.append(lifecycle(overrides=ov, from_stage=args.from_stage))
+    for r in results:
+        _print_result(r)
+    return 0
+
+
+def _print_result(result: dict) -> None:
+    print(f"\nMLflow parent run {result['mlflow_parent_run_id']}; outputs in {result['workdir']}")
+    for label, r in result["stages"].items():
+        print(f"  {label:22s} {r['cache']:4s} {r['seconds']:8.1f}s  {r['artifact']}")
+
+
+def cmd_demo(args) -> int:
+    workdir = Path(args.workdir).expanduser().resolve()
+    _prepare_environment(workdir)
+    from pipelines.demo import run_demo
+
+    result = run_demo(workdir, _hide_secrets(args.overrides))
+    _print_result(result)
+    print(f"\nlatest.json: {workdir / 'latest.json'}")
+    print(f"MLflow UI:   llamaflow ui --workdir {workdir}   (then open http://127.0.0.1:5000)")
+    return 0
+
+
+def cmd_config(args) -> int:
+    from pipelines.config import load_config, to_yaml
+
+    print(to_yaml(load_config(_hide_secrets(args.overrides))))
+    return 0
+
+
+def cmd_ui(args) -> int:
+    workdir = Path(args.workdir).expanduser().resolve()
+    db = workdir / "mlflow.db"
+    if not db.is_file():
+        print(f"no MLflow database at {db}: run `llamaflow demo` or `llamaflow run` first",
+              file=sys.stderr)
+        return 2
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", f"sqlite:///{db}",
+           "--host", args.host, "--port", str(args.port), "--workers", "1"]
+    print(" ".join(cmd), flush=True)
+    os.execv(sys.executable, cmd)
+
+
+def cmd_deploy(args, serve: bool) -> int:
+    _prepare_environment(_workdir(args.overrides))
+    from pipelines import deploy
+
+    if serve:
+        deploy.serve(names=args.names or None)
+    else:
+        deploy.deploy(names=args.names or None)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="llamaflow", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run the lifecycle with Hydra overrides")
+    r.add_argument("--from", dest="from_stage", choices=STAGES,
+                   help="recompute this stage and all after it; upstream comes from the cache")
+    r.add_argument("-m", "--multirun", action="store_true",
+                   help="a=1,2 b=x,y → one lifecycle run per combination (shared upstream cache)")
+    r.add_argument("overrides", nargs="*")
+    d = sub.add_parser("demo", help="the tiny CPU lifecycle from a loopback HTTP source")
+    d.add_argument("--workdir", default=os.environ.get("LLAMAFLOW_WORKDIR", "workspace"))
+    d.add_argument("overrides", nargs="*")
+    c = sub.add_parser("config", help="print the resolved config")
+    c.add_argument("overrides", nargs="*")
+    u = sub.add_parser("ui", help="MLflow UI on the workspace database")
+    u.add_argument("--workdir", default=os.environ.get("LLAMAFLOW_WORKDIR", "workspace"))
+    u.add_argument("--host", default="127.0.0.1")
+    u.add_argument("--port", type=int, default=5000)
+    for name in ("serve", "deploy"):
+        s = sub.add_parser(name, help=f"Prefect deployments with schedules ({name})")
+        s.add_argument("names", nargs="*", help="deployment names from conf/deploy (default all)")
+        s.add_argument("--overrides", nargs="*", default=[])
+    args = p.parse_args(argv)
+    if args.cmd == "run":
+        return cmd_run(args)
+    if args.cmd == "demo":
+        return cmd_demo(args)
+    if args.cmd == "config":
+        return cmd_config(args)
+    if args.cmd == "ui":
+        return cmd_ui(args)
+    return cmd_deploy(args, serve=args.cmd == "serve")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

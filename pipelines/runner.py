@@ -1,0 +1,239 @@
+"""The thin wrapper that turns a step into a cached, tracked Prefect task.
+
+For each stage call it: validates the stage config (before any work), computes the cache key
+sha256(stage, version, resolved config, input digests), returns the stored artifact on a hit,
+otherwise runs the step into a temp dir and renames it into place; and it records everything in
+a nested MLflow run and in workspace/latest.json.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import logging
+import os
+import shutil
+import time
+import traceback
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from pipelines.artifacts import Artifact, HashCache, Store, cache_key
+from pipelines.tracking import Tracker, redact
+
+STAGES = ["download", "convert", "vocab", "pretrain", "sft", "merge", "quantize", "evaluate"]
+# Hydra keys under a stage's section that steer the flow rather than the step (e.g. which quant
+# types to make); they are not passed to the step's Config.
+FLOW_KEYS = {"quantize": {"types"}, "evaluate": {"models"}}
+GPU_STAGES = {"pretrain", "sft", "evaluate"}
+
+
+class StageNotCached(RuntimeError):
+    pass
+
+
+def _logger() -> logging.Logger:
+    try:
+        return get_run_logger()
+    except Exception:  # called outside a flow (unit tests of the runner)
+        return logging.getLogger("pipelines")
+
+
+def _get(d: dict, dotted: str):
+    """Values at a DATA_FIELDS spec such as "corpus" or "eval_sets.*.path" as (path-key, value)."""
+    parts = dotted.split(".")
+    found = [("", d)]
+    for p in parts:
+        nxt = []
+        for prefix, node in found:
+            if not isinstance(node, dict):
+                continue
+            items = node.items() if p == "*" else ([(p, node[p])] if p in node else [])
+            nxt += [(f"{prefix}.{k}".lstrip("."), v) for k, v in items]
+        found = nxt
+    return found
+
+
+def _set(d: dict, dotted_key: str, value) -> None:
+    parts = dotted_key.split(".")
+    for p in parts[:-1]:
+        d = d[p]
+    d[parts[-1]] = value
+
+
+class LifecycleRun:
+    """State of one lifecycle run: config, plan, workspace, MLflow parent run, results so far."""
+
+    def __init__(self, cfg: dict, tracker: Tracker, parent_run_id: str, from_stage: str | None = None):
+        self.cfg = cfg
+        self.workdir = Path(cfg["workdir"]).resolve()
+        self.store = Store(self.workdir / "artifacts")
+        self.hashes = HashCache(self.workdir / "hashcache.json")
+        self.tracker = tracker
+        self.parent_run_id = parent_run_id
+        selected = [s for s in STAGES if s in cfg.get("stages", STAGES)]
+        unknown = set(cfg.get("stages", [])) - set(STAGES) | set(cfg.get("force", [])) - set(STAGES)
+        if from_stage is not None:
+            unknown |= {from_stage} - set(STAGES)
+        if unknown:
+            raise ValueError(f"unknown stage(s) {sorted(unknown)} in stages/force/--from; "
+                             f"the stages are {STAGES}")
+        self.force = set(cfg.get("force", []))
+        if from_stage is not None:
+            i = STAGES.index(from_stage)
+            selected = [s for s in selected if STAGES.index(s) >= i]
+            self.force |= set(STAGES[i:])   # "rerun from X": X and everything after it recompute
+        self.selected = selected
+        self.last = max((STAGES.index(s) for s in selected), default=-1)
+        self.results: dict[str, dict] = {}
+
+    # -- the one call a flow makes per stage ------------------------------------------------
+    def stage(self, name: str, *, label: str | None = None, group: str | None = None,
+              config: dict | None = None, **inputs) -> Artifact | None:
+        """Run (or fetch from the cache) stage `name` on `inputs` (Artifacts, lists or dicts of
+        them). Returns None for stages after the last selected one."""
+        group = group or name
+        label = label or name
+        if STAGES.index(group) > self.last:
+            return None
+        retries = int(self.cfg.get("retries", {}).get(name, 0))
+        tags = ["llamaflow", f"stage:{group}"] + (["gpu"] if group in GPU_STAGES else [])
+        t = task(name=label, retries=retries, retry_delay_seconds=5, cache_policy=NO_CACHE,
+                 tags=tags)(_run_stage)
+        return t(self, name, label, group, config or {}, inputs)
+
+    def write_latest(self) -> Path:
+        path = self.workdir / "latest.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"mlflow_parent_run_id": self.parent_run_id,
+                                   "stages": self.results}, indent=1))
+        os.replace(tmp, path)
+        return path
+
+
+def _paths(x):
+    if isinstance(x, Artifact):
+        return x.path
+    if isinstance(x, (list, tuple)):
+        return [_paths(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _paths(v) for k, v in x.items()}
+    return x
+
+
+def _digests(x):
+    if isinstance(x, Artifact):
+        return x.digest
+    if isinstance(x, (list, tuple)):
+        return [_digests(v) for v in x]
+    if isinstance(x, dict):
+        return {k: _digests(v) for k, v in x.items()}
+    return x
+
+
+def _step_config(run: LifecycleRun, name: str, extra: dict):
+    """The validated step Config, the dict for the cache key (data paths replaced by their
+    content digests, URLs redacted, excluded knobs dropped) and the data digests."""
+    module = importlib.import_module(f"steps.{name}")
+    section = {k: v for k, v in (run.cfg.get(name) or {}).items() if k not in FLOW_KEYS.get(name, ())}
+    section.update(extra)
+    if name == "download":
+        section = {**section, "source": run.cfg["source"]}
+    raw = json.loads(json.dumps(section))  # deep copy, plain JSON
+    data = {}
+    for spec in getattr(module, "DATA_FIELDS", ()):
+        for key, value in _get(raw, spec):
+            if value is None:
+                continue
+            values = value if isinstance(value, list) else [value]
+            absolute = [str(Path(v).expanduser().resolve()) for v in values]
+            _set(raw, key, absolute if isinstance(value, list) else absolute[0])
+            data[key] = [run.hashes.any(Path(v)) for v in absolute]
+    try:
+        config = module.Config(**raw)
+    except Exception as e:  # pydantic's message names the field; add where it comes from
+        raise ValueError(f"invalid `{name}` config (conf/{name}/ and your overrides): {e}") from e
+    key_cfg = json.loads(json.dumps(config.model_dump(mode="json"), default=str))
+    for key in data:
+        _set(key_cfg, key, [f"sha256:{d}" for d in data[key]])
+    for k in getattr(module, "CACHE_EXCLUDE", ()):
+        key_cfg.pop(k, None)
+    key_cfg = json.loads(redact(json.dumps(key_cfg)))
+    return module, config, key_cfg, data
+
+
+def _run_stage(run: LifecycleRun, name: str, label: str, group: str, extra: dict,
+               inputs: dict) -> Artifact:
+    log = _logger()
+    module, config, key_cfg, data = _step_config(run, name, extra)
+    input_digests = _digests(inputs)
+    key = cache_key(name, module.VERSION, key_cfg, {"artifacts": input_digests, "data": data})
+    selected = group in run.selected
+    forced = group in run.force
+    hit = None if forced else run.store.lookup(name, key)
+    if hit is None and not selected:
+        raise StageNotCached(
+            f"stage `{label}` is not selected (stages/--from) and has no cached artifact for this "
+            f"configuration (key {key[:12]}); run it first, e.g. `llamaflow run stages=[{group}]` "
+            "or without --from")
+
+    tags = {"llamaflow.stage": name, "llamaflow.label": label, "llamaflow.cache_key": key,
+            "llamaflow.cache": "hit" if hit else "miss", "llamaflow.stage_version": module.VERSION,
+            "llamaflow.input_digests": json.dumps(input_digests)[:5000]}
+    run_id = run.tracker.start_run(label, parent=run.parent_run_id, tags=tags)
+    run.tracker.log_params(run_id, key_cfg)
+    t0 = time.time()
+    if hit is not None:
+        log.info("%s: cache hit %s (%s)", label, key[:12], hit.path)
+        artifact = hit
+        metrics = artifact.manifest.get("metrics", {})
+    else:
+        log.info("%s: cache %s, running (key %s)", label, "forced" if forced else "miss", key[:12])
+        tmp = run.store.new_tmp(name, key)
+        monitor = run.tracker.system_metrics(run_id) if group in GPU_STAGES else None
+        kwargs = dict(_paths(inputs))
+        params = inspect.signature(module.run).parameters
+        if "work_dir" in params:  # resumable stages keep checkpoints across attempts of one key
+            kwargs["work_dir"] = run.workdir / "scratch" / name / key[:16]
+        try:
+            metrics = module.run(config, tmp, on_metrics=lambda m, step: run.tracker.log_metrics(
+                run_id, m, step), **kwargs) or {}
+            artifact = run.store.commit(tmp, name, key, version=module.VERSION, config=key_cfg,
+                                        inputs={"artifacts": input_digests, "data": data},
+                                        metrics=metrics, extra={"label": label})
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            run.tracker.set_tags(run_id, {"llamaflow.error": redact(
+                "".join(traceback.format_exception_only(e)))})
+            run.tracker.end_run(run_id, "FAILED" if isinstance(e, Exception) else "KILLED")
+            raise
+        finally:
+            if monitor is not None:
+                monitor.finish()
+    seconds = time.time() - t0
+    run.tracker.log_metrics(run_id, {**{k: v for k, v in metrics.items()},
+                                     "stage_seconds": seconds,
+                                     "artifact_bytes": sum(f["size"] for f in artifact.manifest["files"])})
+    run.tracker.set_tags(run_id, {"llamaflow.artifact_dir": str(artifact.path),
+                                  "llamaflow.artifact_digest": artifact.digest})
+    run.tracker.log_dict(run_id, artifact.manifest, "manifest.json")
+    _log_small_files(run, run_id, artifact)
+    run.tracker.end_run(run_id)
+    run.results[label] = {"stage": name, "artifact": str(artifact.path), "key": key,
+                          "digest": artifact.digest, "cache": "hit" if hit else "miss",
+                          "mlflow_run_id": run_id, "seconds": round(seconds, 3)}
+    run.write_latest()
+    return artifact
+
+
+def _log_small_files(run: LifecycleRun, run_id: str, artifact: Artifact) -> None:
+    """Reports, tables, plots and small JSON go to MLflow; weights are referenced by path and
+    digest (tags above) unless tracking.log_model_artifacts is on."""
+    log_all = run.cfg.get("tracking", {}).get("log_model_artifacts", False)
+    for f in artifact.manifest["files"]:
+        p = artifact.path / f["path"]
+        small = f["size"] <= 2 << 20 and p.suffix in {".json", ".jsonl", ".md", ".png", ".txt", ".yaml"}
+        if small or log_all:
+            run.tracker.log_file(run_id, p, str(Path(f["path"]).parent) if "/" in f["path"] else None)

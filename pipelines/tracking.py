@@ -1,0 +1,125 @@
+"""MLflow tracking: one parent run per lifecycle run, one nested run per stage.
+
+Runs are addressed by id through MlflowClient (no fluent "active run" state), so stages running in
+Prefect's worker threads never log into each other's runs. The embedded default is SQLite in the
+workspace (MLflow 3 rejects the old ./mlruns file store); MLFLOW_TRACKING_URI points the same code
+at a server.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+log = logging.getLogger(__name__)
+
+PARAM_MAX = 6000          # MLflow's limit on a param value
+BATCH = 100               # params per log_batch call
+SECRET_QUERY = re.compile(r"(https?://)([^/@\s]+@)?([^\s?#]*)(\?[^\s#]*)?")
+
+
+def redact(value):
+    """Strip userinfo and query strings (signatures, tokens) from every URL in a string."""
+    if isinstance(value, str):
+        return SECRET_QUERY.sub(lambda m: m.group(1) + m.group(3) + ("?<redacted>" if m.group(4) else ""),
+                                value)
+    return value
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            text = json.dumps(v, ensure_ascii=False) if isinstance(v, (list, tuple)) else str(v)
+            out[key] = redact(text)[:PARAM_MAX]
+    return out
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Tracker:
+    def __init__(self, workdir: Path, cfg: dict):
+        self.workdir = Path(workdir).resolve()
+        self.cfg = cfg
+        self.uri = cfg.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or \
+            f"sqlite:///{self.workdir / 'mlflow.db'}"
+        self.client = MlflowClient(tracking_uri=self.uri)
+        name = cfg.get("experiment", "llamaflow")
+        exp = self.client.get_experiment_by_name(name)
+        if exp is None:
+            location = None
+            if self.uri.startswith("sqlite:"):
+                location = (self.workdir / "mlartifacts").as_uri()
+            self.experiment_id = self.client.create_experiment(name, artifact_location=location)
+        else:
+            self.experiment_id = exp.experiment_id
+
+    def start_run(self, name: str, *, parent: str | None = None, tags: dict | None = None) -> str:
+        tags = {k: redact(str(v)) for k, v in (tags or {}).items()}
+        if parent:
+            tags["mlflow.parentRunId"] = parent
+        return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(run_id, status=status)
+
+    def log_params(self, run_id: str, params: dict) -> None:
+        items = [Param(k[:250], v) for k, v in flatten(params).items()]
+        for i in range(0, len(items), BATCH):
+            self.client.log_batch(run_id, params=items[i:i + BATCH])
+
+    def log_metrics(self, run_id: str, metrics: dict, step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(run_id, metrics=items[i:i + 1000])
+
+    def set_tags(self, run_id: str, tags: dict) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, redact(str(v))[:5000]) for k, v in tags.items()])
+
+    def log_dict(self, run_id: str, data, name: str) -> None:
+        self.client.log_dict(run_id, data, name)
+
+    def log_text(self, run_id: str, text: str, name: str) -> None:
+        self.client.log_text(run_id, text, name)
+
+    def log_file(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_table(self, run_id: str, rows: list[dict], name: str) -> None:
+        if rows:
+            cols = list(dict.fromkeys(k for r in rows for k in r))
+            self.client.log_table(run_id, {c: [r.get(c) for r in rows] for c in cols}, name)
+
+    def system_metrics(self, run_id: str):
+        """A started MLflow system-metrics monitor (CPU, memory, GPU when nvidia-ml-py is there)
+        for the run, or None when turned off in tracking config."""
+        if not self.cfg.get("system_metrics", True):
+            return None
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        mon = SystemMetricsMonitor(run_id, sampling_interval=self.cfg.get("system_metrics_interval", 5),
+                                   tracking_uri=self.uri)
+        mon.start()
+        return mon
+
+    def run_url(self, run_id: str) -> str:
+        base = self.uri if self.uri.startswith("http") else "http://127.0.0.1:5000"
+        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"

@@ -21,7 +21,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from pipelines.artifacts import Artifact, HashCache, Store, cache_key
-from pipelines.tracking import Tracker, redact
+from pipelines.tracking import Tracker, git_commit, redact
 
 STAGES = ["download", "convert", "vocab", "pretrain", "sft", "merge", "quantize", "evaluate"]
 # Hydra keys under a stage's section that steer the flow rather than the step (e.g. which quant
@@ -181,9 +181,10 @@ def _run_stage(run: LifecycleRun, name: str, label: str, group: str, extra: dict
 
     tags = {"llamaflow.stage": name, "llamaflow.label": label, "llamaflow.cache_key": key,
             "llamaflow.cache": "hit" if hit else "miss", "llamaflow.stage_version": module.VERSION,
-            "llamaflow.input_digests": json.dumps(input_digests)[:5000]}
+            "llamaflow.input_digests": json.dumps(input_digests)[:5000], "git_commit": git_commit()}
     run_id = run.tracker.start_run(label, parent=run.parent_run_id, tags=tags)
     run.tracker.log_params(run_id, key_cfg)
+    run.tracker.log_dict(run_id, key_cfg, "stage_config.json")
     t0 = time.time()
     if hit is not None:
         log.info("%s: cache hit %s (%s)", label, key[:12], hit.path)
@@ -213,9 +214,9 @@ def _run_stage(run: LifecycleRun, name: str, label: str, group: str, extra: dict
             if monitor is not None:
                 monitor.finish()
     seconds = time.time() - t0
-    run.tracker.log_metrics(run_id, {**{k: v for k, v in metrics.items()},
-                                     "stage_seconds": seconds,
-                                     "artifact_bytes": sum(f["size"] for f in artifact.manifest["files"])})
+    size = sum(f["size"] for f in artifact.manifest["files"])
+    run.tracker.log_metrics(run_id, {**metrics, "stage_seconds": seconds, "artifact_bytes": size,
+                                     **({} if hit else {"artifact_MB_per_s": size / 1e6 / max(seconds, 1e-9)})})
     run.tracker.set_tags(run_id, {"llamaflow.artifact_dir": str(artifact.path),
                                   "llamaflow.artifact_digest": artifact.digest})
     run.tracker.log_dict(run_id, artifact.manifest, "manifest.json")

@@ -7,6 +7,7 @@ at a server.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -45,6 +46,7 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+@functools.lru_cache(maxsize=1)
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,

@@ -52,3 +52,13 @@ def tiny_hf_model(tmp_path_factory, tiny_sp_model) -> Path:
     from tests.tiny import make_tiny_hf_model
 
     return make_tiny_hf_model(tmp_path_factory.mktemp("tiny_hf"), tiny_sp_model)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness(tmp_path_factory):
+    """One temporary Prefect server (SQLite) for the whole session: it costs ~10 s to start."""
+    os.environ["PREFECT_HOME"] = str(tmp_path_factory.mktemp("prefect_home"))
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

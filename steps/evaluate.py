@@ -1,0 +1,386 @@
+"""Evaluate stage: perplexity of one model (HF dir, HF + peft adapters, or GGUF) on text sets,
+plus generations on a fixed prompt set for human (or model-judge) review.
+
+Perplexity protocols
+--------------------
+"llama.cpp" — what `llama-perplexity` computes, so the numbers match what llama.cpp users quote
+(examples/perplexity/perplexity.cpp): the whole text is tokenized once with BOS; it is cut into
+n_chunk = floor(N / n_ctx) non-overlapping chunks of n_ctx tokens; the first token of every chunk
+is replaced by BOS; only the second half is scored: logits at positions j = n_ctx/2 … n_ctx-2
+predict token j+1, i.e. n_ctx/2 - 1 scored tokens per chunk. NLL = -log_softmax in float64.
+PPL = exp(mean NLL) and its error, as llama.cpp prints it,
+ppl_err = PPL * sqrt((mean(NLL²) - mean(NLL)²) / (count - 1)). llama.cpp refuses texts shorter
+than 2·n_ctx tokens and so do we.
+
+"strided" — the transformers documentation's sliding window ("Perplexity of fixed-length
+models"): windows of n_ctx tokens start every `stride` tokens (default n_ctx/2); each window scores
+only the tokens the previous window did not, with everything before them in the window as
+context. Every token except the leading BOS is scored exactly once (the documentation's
+`num_valid_tokens - 1` per window undercounts by one per window; we count exactly).
+
+Comparable across vocabularies
+------------------------------
+Per-token perplexity does not compare across the stages' tokenizers (32000 vs 49953 pieces), so
+each result also normalises the same summed NLL by the text the scored tokens stand for:
+  * a token's bytes = its UTF-8 surface form as llama.cpp's `token_to_piece` gives it:
+    "▁" counts as one space byte, a byte-fallback piece <0xNN> is that one byte, control tokens
+    (BOS/EOS/pad) are empty;
+  * n_bytes = sum of the bytes of the scored (target) tokens;
+  * n_chars = number of UTF-8 characters those bytes start, i.e. bytes that are not UTF-8
+    continuation bytes (10xxxxxx): a character split over byte-fallback tokens is counted once,
+    with the token holding its first byte;
+  * bits_per_byte = nll_sum / n_bytes / ln 2 (lm-evaluation-harness' definition, on our scored
+    tokens), byte_ppl = exp(nll_sum / n_bytes), char_ppl = exp(nll_sum / n_chars).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from steps import MetricsCallback
+
+VERSION = "1"
+PROTOCOLS = ("llama.cpp", "strided")
+
+# Chinese-Alpaca's prompt (scripts/training/build_dataset.py); the SFT stage trains on the same
+# text, including the trailing space.
+ALPACA_TEMPLATE = ("Below is an instruction that describes a task. Write a response that "
+                   "appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
+                   "### Response: ")
+
+_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+# ---------------------------------------------------------------------------------------------
+# Models: one small wrapper per runtime with the same four operations.
+# ---------------------------------------------------------------------------------------------
+
+def _gguf_file(model: Path) -> Path | None:
+    """The .gguf file `model` names (the file, or a dir holding exactly one), else None."""
+    if model.is_file() and model.suffix == ".gguf":
+        return model
+    if model.is_dir():
+        found = sorted(model.glob("*.gguf"))
+        if len(found) > 1:
+            raise ValueError(f"{model} holds {len(found)} .gguf files ({[f.name for f in found]}); "
+                             "pass the one to evaluate")
+        if found:
+            return found[0]
+    return None
+
+
+class HFModel:
+    """A transformers causal LM (float32 by default) with peft adapters applied in order.
+
+    All adapters but the last are merged in memory, in order, as the SFT stage trained on them
+    (base + pt merged); the last stays unmerged (peft's LoRA forward), so a LoRA is evaluated
+    exactly as it was trained."""
+
+    kind = "hf"
+
+    def __init__(self, model_dir: Path, adapters: Sequence[Path] = (), *, device: str | None = None,
+                 dtype: str = "float32"):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from steps.checks import check_adapter, check_model
+
+        self.path = Path(model_dir)
+        if not (self.path / "config.json").is_file():
+            raise FileNotFoundError(f"{self.path}: not a Hugging Face model directory (no "
+                                    "config.json) and not a .gguf file or a dir holding one")
+        adapters = [Path(a) for a in adapters]
+        rows = check_model(self.path).embed_rows
+        tok_dir = self.path
+        for a in adapters:  # header-only checks before any weight is loaded
+            rows = check_adapter(a, rows)
+            if (a / "tokenizer.json").is_file() or (a / "tokenizer.model").is_file():
+                tok_dir = a
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model = AutoModelForCausalLM.from_pretrained(self.path, dtype=getattr(torch, dtype))
+        for i, a in enumerate(adapters):
+            from peft import PeftModel
+
+            a_rows = check_adapter(a, model.get_input_embeddings().weight.shape[0])
+            if a_rows != model.get_input_embeddings().weight.shape[0]:
+                model.resize_token_embeddings(a_rows)
+            model = PeftModel.from_pretrained(model, a)
+            if i < len(adapters) - 1:
+                model = model.merge_and_unload()
+        self.model = model.to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+        self.bos_id = self.tokenizer.bos_token_id
+        self.adapters = adapters
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def token_bytes(self, ids: Sequence[int]) -> dict[int, bytes]:
+        special = set(self.tokenizer.all_special_ids)
+        out = {}
+        for i in set(int(t) for t in ids):
+            piece = self.tokenizer.convert_ids_to_tokens(i)
+            m = _BYTE_PIECE.match(piece or "")
+            out[i] = (b"" if i in special else bytes([int(m.group(1), 16)]) if m
+                      else piece.replace("\u2581", " ").encode("utf-8"))
+        return out
+
+    def window_nll(self, windows: list[tuple[list[int], int]], batch_size: int, progress) -> list[np.ndarray]:
+        """NLL (float64) of tokens ids[s+1:] given ids[:j+1] for each window (ids, s)."""
+        import torch
+
+        out: list[np.ndarray | None] = [None] * len(windows)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for k, (ids, s) in enumerate(windows):
+            groups.setdefault((len(ids), s), []).append(k)
+        with torch.inference_mode():
+            for (n, s), members in groups.items():
+                for b in range(0, len(members), batch_size):
+                    ks = members[b:b + batch_size]
+                    x = torch.tensor([windows[k][0] for k in ks], dtype=torch.long, device=self.device)
+                    # only the rows we score go through lm_head: positions s … n-1 (last dropped)
+                    logits = self.model(input_ids=x, logits_to_keep=n - s, use_cache=False).logits
+                    for row, k in enumerate(ks):
+                        lp = torch.log_softmax(logits[row, :-1].double(), dim=-1)
+                        nll = -lp.gather(-1, x[row, s + 1:].unsqueeze(-1)).squeeze(-1)
+                        out[k] = nll.cpu().numpy()
+                    progress.update(len(ks))
+        return out
+
+
+class GGUFModel:
+    """A GGUF file on llama.cpp (llama-cpp-python), with logits for every position."""
+
+    kind = "gguf"
+
+    def __init__(self, path: Path, *, n_ctx: int = 512, n_threads: int | None = None,
+                 device: str | None = None):
+        try:
+            from llama_cpp import Llama
+        except ImportError as e:
+            raise ImportError("evaluating a .gguf needs llama-cpp-python: pip install "
+                              "'llama-cpp-python==0.3.36' (or the project's [llamacpp] extra)") from e
+        self.path = Path(path)
+        self.n_ctx = n_ctx
+        self.llm = Llama(model_path=str(self.path), n_ctx=n_ctx, n_batch=n_ctx,
+                         n_ubatch=min(n_ctx, 512), logits_all=True,
+                         n_threads=n_threads or os.cpu_count(),
+                         n_gpu_layers=-1 if (device or "").startswith("cuda") else 0,
+                         verbose=False)
+        self.bos_id = self.llm.token_bos()
+        self.adapters: list[Path] = []
+
+    def tokenize(self, text: str) -> list[int]:
+        # as llama-perplexity: common_tokenize(ctx, text, add_special=true, parse_special=false)
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+
+    def token_bytes(self, ids: Sequence[int]) -> dict[int, bytes]:
+        import ctypes
+
+        import llama_cpp
+
+        vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        buf = ctypes.create_string_buffer(256)
+        out = {}
+        for i in set(int(t) for t in ids):
+            n = llama_cpp.llama_token_to_piece(vocab, i, buf, len(buf), 0, False)
+            out[i] = bytes(buf.raw[:max(n, 0)])
+        return out
+
+    def window_nll(self, windows: list[tuple[list[int], int]], batch_size: int, progress) -> list[np.ndarray]:
+        out = []
+        for ids, s in windows:
+            if len(ids) > self.n_ctx:
+                raise ValueError(f"window of {len(ids)} tokens > the context {self.n_ctx} this "
+                                 "GGUF model was opened with")
+            self.llm.reset()  # clears the KV cache for positions >= 0: a fresh context per chunk
+            self.llm.eval(ids)
+            logits = np.asarray(self.llm.scores[s:len(ids) - 1], dtype=np.float64)
+            out.append(_nll_from_logits(logits, np.asarray(ids[s + 1:])))
+            progress.update(1)
+        return out
+
+
+def _nll_from_logits(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """-log_softmax(logits)[target] per row, max-subtracted, float64."""
+    m = logits.max(axis=-1, keepdims=True)
+    lse = np.log(np.exp(logits - m).sum(axis=-1)) + m[:, 0]
+    return lse - logits[np.arange(len(targets)), targets]
+
+
+def load(model: Path | str, adapters: Sequence[Path] = (), *, n_ctx: int = 512,
+         n_threads: int | None = None, device: str | None = None, dtype: str = "float32"):
+    """Open `model`: a .gguf file or a dir holding exactly one (llama.cpp), else an HF dir."""
+    model = Path(model)
+    if not model.exists():
+        raise FileNotFoundError(f"model {model} does not exist")
+    gguf = _gguf_file(model)
+    if gguf is not None:
+        if adapters:
+            raise ValueError(f"{gguf}: adapters apply to HF models only; merge them first "
+                             "(merge stage) and export the merged model")
+        return GGUFModel(gguf, n_ctx=n_ctx, n_threads=n_threads, device=device)
+    return HFModel(model, adapters, device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Perplexity
+# ---------------------------------------------------------------------------------------------
+
+def windows_for(ids: Sequence[int], *, n_ctx: int, protocol: str, stride: int | None,
+                bos_id: int | None, max_tokens: int | None) -> list[tuple[list[int], int]]:
+    """The (input ids, s) windows a protocol evaluates; logits s … len-2 predict ids[s+1:]."""
+    ids = list(ids)
+    if protocol == "llama.cpp":
+        if len(ids) < 2 * n_ctx:
+            raise ValueError(f"the text has {len(ids)} tokens; protocol llama.cpp needs at least "
+                             f"2*n_ctx = {2 * n_ctx} (as llama-perplexity): use a longer text or "
+                             "a smaller n_ctx")
+        n_chunk = len(ids) // n_ctx
+        if max_tokens is not None:
+            if max_tokens < n_ctx:
+                raise ValueError(f"max_tokens={max_tokens} < n_ctx={n_ctx} leaves no chunk to "
+                                 "evaluate; raise max_tokens to at least n_ctx")
+            n_chunk = min(n_chunk, max_tokens // n_ctx)
+        first = n_ctx // 2
+        out = []
+        for i in range(n_chunk):
+            chunk = ids[i * n_ctx:(i + 1) * n_ctx]
+            if bos_id is not None:
+                chunk[0] = bos_id
+            out.append((chunk, first))
+        return out
+    if protocol == "strided":
+        stride = stride or n_ctx // 2
+        if not 0 < stride <= n_ctx:
+            raise ValueError(f"stride={stride} must be in 1..n_ctx ({n_ctx})")
+        if max_tokens is not None:
+            ids = ids[:max_tokens]
+        if len(ids) < 2:
+            raise ValueError(f"the text has {len(ids)} tokens; nothing to score")
+        out, prev_end, begin = [], 0, 0
+        while True:
+            end = min(begin + n_ctx, len(ids))
+            s = max(prev_end, 1) - 1 - begin  # targets are the tokens prev_end … end-1
+            out.append((ids[begin:end], s))
+            prev_end = end
+            if end == len(ids):
+                return out
+            begin += stride
+    raise ValueError(f"protocol={protocol!r}; choose one of {PROTOCOLS}")
+
+
+def read_text(path: Path, kind: str = "text") -> str:
+    """The eval text. kind "text": the file's bytes as UTF-8, line endings untouched (as
+    llama-perplexity reads it). kind "wikitext": `wikitext-test.hf-joined.txt` (HF rows joined by
+    "\\n\\n", CRLF) rebuilt into the canonical `wiki.test.raw` layout that llama.cpp users evaluate
+    (shared/data README: CRLF→LF, rows split on "\\n\\n", empty rows written as " \\n")."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"eval text {path} not found")
+    text = path.read_bytes().decode("utf-8")
+    if kind == "text":
+        return text
+    if kind == "wikitext":
+        return _canonical_wikitext(text, path)
+    raise ValueError(f"eval set kind={kind!r} for {path}; choose text or wikitext")
+
+
+def _canonical_wikitext(joined: str, path: Path) -> str:
+    """HF rows (each "" or one line ending in "\n") joined by "\n\n" → the canonical layout.
+    A plain split on "\n\n" is ambiguous (a row's own "\n" touches the separator), so parse
+    row by row; for the shared file this gives sha256 173c87a5…7dd08, 1,290,590 bytes."""
+    t = joined.replace("\r\n", "\n")
+    rows, p, n = [], 0, len(t)
+    while True:
+        if p == n or t[p] == "\n":
+            rows.append("")
+        else:
+            e = t.find("\n", p)
+            if e < 0:
+                raise ValueError(f"{path}: not an HF-joined WikiText file (a row without \\n at "
+                                 f"offset {p}); use kind: text for a plain file")
+            rows.append(t[p:e + 1])
+            p = e + 1
+        if p == n:
+            break
+        if not t.startswith("\n\n", p):
+            raise ValueError(f"{path}: not an HF-joined WikiText file (no \\n\\n separator at "
+                             f"offset {p}); use kind: text for a plain file")
+        p += 2
+        if p == n:
+            rows.append("")
+            break
+    return "".join(" \n" if r == "" else r for r in rows)
+
+
+def perplexity(model, text_path: Path | None = None, *, n_ctx: int = 512,
+               protocol: str = "llama.cpp", stride: int | None = None,
+               max_tokens: int | None = None, token_ids: Sequence[int] | None = None,
+               adapters: Sequence[Path] = (), batch_size: int = 8, n_threads: int | None = None,
+               device: str | None = None, text: str | None = None, kind: str = "text",
+               progress: bool = True) -> dict:
+    """Perplexity of `model` (HF dir, .gguf, dir with one .gguf, or a model from `load`) on the
+    text at `text_path` (or `text`, or pre-made `token_ids`: identical ids for an HF vs GGUF
+    comparison) under `protocol`; see the module docstring for the definitions.
+
+    max_tokens caps the tokens fed to the model (llama.cpp: whole chunks, floor(max_tokens/n_ctx);
+    strided: the first max_tokens tokens)."""
+    from tqdm.auto import tqdm
+
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol={protocol!r}; choose one of {PROTOCOLS}")
+    if n_ctx < 4 or n_ctx % 2:
+        raise ValueError(f"n_ctx={n_ctx} must be an even number >= 4")
+    if token_ids is None and text is None:
+        if text_path is None:
+            raise ValueError("give text_path, text or token_ids")
+        text = read_text(text_path, kind)
+    m = model if isinstance(model, (HFModel, GGUFModel)) else load(
+        model, adapters, n_ctx=n_ctx, n_threads=n_threads, device=device)
+    ids = list(token_ids) if token_ids is not None else m.tokenize(text)
+    windows = windows_for(ids, n_ctx=n_ctx, protocol=protocol, stride=stride, bos_id=m.bos_id,
+                          max_tokens=max_tokens)
+
+    t0 = time.perf_counter()
+    bar = tqdm(total=len(windows), desc=f"ppl {Path(str(m.path)).name}", unit="win",
+               disable=not progress, leave=False)
+    try:
+        nlls = m.window_nll(windows, batch_size, bar)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+
+    nll = np.concatenate(nlls)
+    targets = [t for ids_w, s in windows for t in ids_w[s + 1:]]
+    pieces = m.token_bytes(targets)
+    n_bytes = sum(len(pieces[t]) for t in targets)
+    n_chars = sum(sum(1 for b in pieces[t] if b & 0xC0 != 0x80) for t in targets)
+    count = len(nll)
+    nll_sum = float(nll.sum())
+    mean, mean2 = nll_sum / count, float((nll * nll).sum()) / count
+    ppl = math.exp(mean)
+    var = mean2 - mean * mean
+    n_fed = sum(len(w) for w, _ in windows)
+    return {
+        "ppl": ppl,
+        "ppl_err": ppl * math.sqrt(var / (count - 1)) if count > 1 and var > 0 else 0.0,
+        "nll_sum": nll_sum, "nll_mean": mean, "n_scored": count,
+        "n_tokens": n_fed, "n_text_tokens": len(ids), "n_chunks": len(windows),
+        "protocol": protocol, "n_ctx": n_ctx,
+        "stride": (stride or n_ctx // 2) if protocol == "strided" else None,
+        "bits_per_byte": nll_sum / n_bytes / math.log(2) if n_bytes else None,
+        "byte_ppl": math.exp(nll_sum / n_bytes) if n_bytes else None,
+        "char_ppl": math.exp(nll_sum / n_chars) if n_chars else None,
+        "n_bytes": n_bytes, "n_chars": n_chars,
+        "seconds": seconds, "tokens_per_s": n_fed / seconds if seconds > 0 else None,
+        "backend": m.kind, "model": str(m.path), "adapters": [str(a) for a in m.adapters],
+    }

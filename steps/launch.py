@@ -1,0 +1,123 @@
+"""Run a stage under torchrun as a subprocess in its own process session.
+
+The convention for GPU training inside an orchestrator (LLaMA-Factory's launcher, Axolotl,
+ZenML's run_with_accelerate): the orchestrating process never initialises CUDA or NCCL itself;
+it starts `torchrun --standalone --nproc-per-node=N -m steps.<stage> ...` with
+start_new_session=True, streams the output line by line into its logger, forwards the ranks'
+metrics (rank 0 appends them to `trainer_log.jsonl`) as they appear, and on an exception,
+KeyboardInterrupt (a cancelled task) or timeout kills the whole process group so no orphan rank
+keeps holding GPU memory. A non-zero exit raises, so the orchestrator's retries apply.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+
+class LaunchError(RuntimeError):
+    """The training subprocess failed or timed out."""
+
+
+def torchrun_command(module: str, args: list[str], nproc: int) -> list[str]:
+    # `python -m torch.distributed.run` is torchrun without relying on the console script's PATH
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={nproc}", "-m", module, *args]
+
+
+def _kill_group(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """SIGTERM the process group (torchrun forwards it to the ranks), then SIGKILL it."""
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace_s)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+class _JsonlTail:
+    """Yields complete new lines appended to a JSONL file."""
+
+    def __init__(self, path: Path):
+        self.path, self.pos = Path(path), 0
+
+    def poll(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        with open(self.path, "rb") as f:
+            f.seek(self.pos)
+            data = f.read()
+        end = data.rfind(b"\n")
+        if end < 0:
+            return []
+        self.pos += end + 1
+        return [json.loads(line) for line in data[:end].decode("utf-8").splitlines() if line]
+
+
+def launch(cmd: list[str], *, metrics_file: Path | None = None,
+           on_metrics: Callable[[dict, int], None] | None = None, timeout_s: float | None = None,
+           env: dict | None = None, logger: logging.Logger | None = None) -> None:
+    """Run `cmd` in a new session, stream its output to `logger`, forward JSONL metric records
+    ({"step": n, ...}) from `metrics_file` to on_metrics(values, step); raise LaunchError on a
+    non-zero exit or timeout. The process group is killed on any exit path but success."""
+    logger = logger or log
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            start_new_session=True, env={**os.environ, **(env or {})},
+                            bufsize=1, text=True, errors="replace")
+    lines: queue.Queue = queue.Queue()
+
+    def reader() -> None:
+        for line in proc.stdout:
+            lines.put(line.rstrip("\n"))
+        lines.put(None)
+
+    threading.Thread(target=reader, daemon=True).start()
+    tail = _JsonlTail(metrics_file) if metrics_file is not None else None
+    started, tail_lines, done = time.monotonic(), [], False
+    logger.info("launching: %s", " ".join(cmd))
+
+    def forward() -> None:
+        if tail is not None and on_metrics is not None:
+            for rec in tail.poll():
+                step = rec.pop("step")
+                on_metrics(rec, step)
+
+    try:
+        while not done:
+            try:
+                line = lines.get(timeout=0.5)
+            except queue.Empty:
+                line = ""
+            if line is None:
+                done = True
+            elif line:
+                logger.info("%s", line)
+                tail_lines = (tail_lines + [line])[-40:]
+            forward()
+            if timeout_s is not None and time.monotonic() - started > timeout_s:
+                raise LaunchError(f"{cmd[0]} ... timed out after {timeout_s:.0f} s; process "
+                                  "group killed")
+        rc = proc.wait()
+        forward()
+    except BaseException:
+        _kill_group(proc)
+        raise
+    if rc != 0:
+        raise LaunchError(f"training subprocess exited with code {rc}; last output:\n" +
+                          "\n".join(tail_lines[-20:]))

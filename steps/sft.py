@@ -1,0 +1,300 @@
+"""sft stage: LoRA instruction tuning on Alpaca-format data (Chinese-LLaMA-Alpaca
+`run_clm_sft_with_peft.py` / `build_dataset.py` / `run_sft.sh`, recipe §5).
+
+Trains on top of the base-zh model with the pre-training adapter(s) folded in first (the recipe's
+order: the final merge applies base-zh + [pt, sft]). Each record {instruction, input, output}:
+
+    source = PROMPT_TEMPLATE.format(instruction=instruction + ("\\n" + input if input else ""))
+    target = output + EOS
+    input_ids = (tok(source) + tok(target, no specials))[:max_seq_length]      (BOS on the source)
+    labels    = ([-100] * len(source ids) + target ids)[:max_seq_length]
+
+Batches are right-padded with the pad token and −100 labels. Like v1, a `[PAD]` token is added
+when the tokenizer has none (49953 → 49954 rows; the adapter carries the resized embed_tokens and
+lm_head and the tokenizer with [PAD]). Bad records (missing instruction/output, empty output,
+empty instruction) are counted per reason, logged with file and index, and returned, and so are
+records whose prompt fills max_seq_length (no supervised token left); more than
+max_bad_fraction of either aborts before training.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+from pydantic import Field
+
+from steps import MetricsCallback
+from steps.training import (TrainConfig, cache_key, data_files, dataset_dir, execute,
+                            run_training, save_splits, sha256_files, tokenizer_digest,
+                            worker_main)
+
+VERSION = "1"
+PREP_VERSION = "sft-1"
+SUFFIXES = (".json", ".jsonl")
+IGNORE_INDEX = -100
+
+# Chinese-LLaMA-Alpaca v1 build_dataset.py PROMPT_TEMPLATE, exactly (note the space at the end).
+ALPACA_ZH_TEMPLATE = (
+    "Below is an instruction that describes a task. Write a response that appropriately "
+    "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response: ")
+# Chinese-LLaMA-Alpaca-2 (set prompt_template to this for the v2 recipe)
+LLAMA2_ZH_TEMPLATE = (
+    "[INST] <<SYS>>\nYou are a helpful assistant. 你是一个乐于助人的助手。\n<</SYS>>\n\n"
+    "{instruction} [/INST]")
+
+log = logging.getLogger(__name__)
+
+
+class Config(TrainConfig):
+    """Defaults = Chinese-LLaMA-Alpaca v1 run_sft.sh (lr 1e-4, cosine, warmup 0.03, wd 0,
+    r 8 / alpha 32 / dropout 0.05 on the 7 projections, embed_tokens+lm_head saved,
+    max_seq_length 512, batch 1 x accumulation 8, 1 epoch, eval every 100 steps)."""
+    data: list[str] = Field(default_factory=list)            # Alpaca .json / .jsonl files or dirs
+    validation_data: list[str] = Field(default_factory=list)  # separate eval files (recipe); else split
+    validation_split: float = Field(0.01, ge=0, lt=1)         # used when validation_data is empty
+    prompt_template: str = ALPACA_ZH_TEMPLATE                # must contain "{instruction}"
+    max_seq_length: int = Field(512, ge=8)
+    packing: bool = False            # concatenate examples into max_seq_length rows (no padding)
+    pad_token: str | None = "[PAD]"  # added when the tokenizer has no pad token (v1: 49954 rows)
+    max_bad_fraction: float = Field(0.1, ge=0, le=1)
+    learning_rate: float = 1e-4
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+
+
+DATA_FIELDS = ("data", "validation_data")
+
+
+# ----------------------------------------------------------------------------- data
+
+def load_tokenizer(model: Path, adapters: list[Path], pad_token: str | None):
+    """The tokenizer SFT trains with: the last adapter's (when it carries one) or the model's,
+    plus pad_token when it has none."""
+    from transformers import AutoTokenizer
+
+    src = Path(model)
+    for a in adapters:
+        if any((Path(a) / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+            src = Path(a)
+    tok = AutoTokenizer.from_pretrained(src)
+    if tok.pad_token is None:
+        if pad_token is None:
+            raise ValueError(f"{src}: the tokenizer has no pad token and sft.pad_token is null; "
+                             "set sft.pad_token (the recipe adds '[PAD]')")
+        tok.add_special_tokens({"pad_token": pad_token})
+    return tok, src
+
+
+def record_problem(rec: dict) -> str:
+    """'' for a usable record, else the reason it is bad."""
+    for k in ("instruction", "output"):
+        if rec.get(k) is None:
+            return f"missing_{k}"
+        if not isinstance(rec[k], str):
+            return f"non_string_{k}"
+    if rec.get("input") is not None and not isinstance(rec["input"], str):
+        return "non_string_input"
+    if not rec["output"].strip():
+        return "empty_output"
+    if not rec["instruction"].strip() and not (rec.get("input") or "").strip():
+        return "empty_instruction"
+    return ""
+
+
+def encode(rec: dict, tokenizer, template: str, max_len: int) -> dict:
+    """input_ids / labels for one good record (see the module docstring)."""
+    instruction = rec["instruction"]
+    if rec.get("input"):
+        instruction = instruction + "\n" + rec["input"]
+    source = tokenizer(template.format(instruction=instruction))["input_ids"]
+    # EOS appended as an id (equal to tokenizing output + "</s>" as the recipe does, without
+    # depending on how a tokenizer version parses special-token text inside a string)
+    target = tokenizer(rec["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    return {"input_ids": (source + target)[:max_len],
+            "labels": ([IGNORE_INDEX] * len(source) + target)[:max_len]}
+
+
+def _pack(batch: dict, max_len: int) -> dict:
+    rows_ids, rows_lab, ids, lab = [], [], [], []
+    for i, l in zip(batch["input_ids"], batch["labels"]):
+        if ids and len(ids) + len(i) > max_len:
+            rows_ids.append(ids), rows_lab.append(lab)
+            ids, lab = [], []
+        ids, lab = ids + i, lab + l
+    if ids:
+        rows_ids.append(ids), rows_lab.append(lab)
+    return {"input_ids": rows_ids, "labels": rows_lab}
+
+
+def build_examples(files: list[Path], tokenizer, cfg: Config, work: Path, field: str):
+    """Tokenized examples (datasets Arrow) and the bad-record counts of `files`."""
+    from collections import Counter
+
+    from datasets import concatenate_datasets, load_dataset
+
+    parts, counts, n_records = [], Counter(), 0
+    for f in files:
+        try:
+            ds = load_dataset("json", data_files=str(f), split="train", cache_dir=str(work / "hf"))
+        except Exception as e:   # datasets wraps JSON/Arrow errors in several exception types
+            raise ValueError(f"{field}: {f} is not Alpaca JSON / JSON Lines ({type(e).__name__}: "
+                             f"{str(e)[:300]})") from e
+        n_records += len(ds)
+        ds = ds.map(lambda r: {"_problem": record_problem(r)}, desc=f"check {f.name}")
+        problems = ds["_problem"]
+        bad = [(i, p) for i, p in enumerate(problems) if p]
+        counts.update(p for _, p in bad)
+        for i, p in bad[:5]:
+            log.warning("%s record %d: %s (skipped)", f, i, p)
+        if len(bad) > 5:
+            log.warning("%s: %d more bad records", f, len(bad) - 5)
+        ds = ds.filter(lambda r: not r["_problem"], desc=f"drop bad {f.name}")
+        ds = ds.map(encode, fn_kwargs={"tokenizer": tokenizer, "template": cfg.prompt_template,
+                                       "max_len": cfg.max_seq_length},
+                    remove_columns=ds.column_names, desc=f"tokenize {f.name}")
+        n = len(ds)
+        ds = ds.filter(lambda r: any(x != IGNORE_INDEX for x in r["labels"][1:]))
+        counts["no_target_after_truncation"] += n - len(ds)
+        parts.append(ds)
+    bad_total = sum(v for k, v in counts.items() if k != "no_target_after_truncation")
+    for what, n in (("bad", bad_total), ("prompt-only (truncated)", counts["no_target_after_truncation"])):
+        if n_records and n / n_records > cfg.max_bad_fraction:
+            raise ValueError(f"{field}: {n} of {n_records} records are {what} "
+                             f"({dict(counts)}); more than max_bad_fraction={cfg.max_bad_fraction}. "
+                             "Fix the data (or raise max_seq_length / max_bad_fraction)")
+    examples = concatenate_datasets(parts)
+    if len(examples) == 0:
+        raise ValueError(f"{field}: no usable record in {', '.join(map(str, files))} ({dict(counts)})")
+    if cfg.packing:
+        examples = examples.map(_pack, batched=True, batch_size=1000,
+                                fn_kwargs={"max_len": cfg.max_seq_length}, desc="pack")
+    return examples, n_records, dict(counts)
+
+
+def make_collate(pad_id: int):
+    def collate(rows: list[dict]) -> dict:
+        import torch
+        n = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), n), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), n), dtype=torch.long)
+        for j, r in enumerate(rows):
+            k = len(r["input_ids"])
+            ids[j, :k] = torch.tensor(r["input_ids"])
+            labels[j, :k] = torch.tensor(r["labels"])
+            mask[j, :k] = 1
+        return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    return collate
+
+
+# ----------------------------------------------------------------------------- stage
+
+def _prepare_model(pad_token: str | None):
+    def prepare(model, tokenizer):
+        if tokenizer.pad_token is None:
+            tokenizer.add_special_tokens({"pad_token": pad_token})
+        rows = model.get_input_embeddings().weight.shape[0]
+        if len(tokenizer) > rows:
+            model.resize_token_embeddings(len(tokenizer))
+            model.config.pad_token_id = tokenizer.pad_token_id
+            log.info("added %s: embeddings resized %d -> %d rows", tokenizer.pad_token, rows,
+                     len(tokenizer))
+        return model, tokenizer
+    return prepare
+
+
+def _worker(cfg: Config, out_dir: Path, *, on_metrics=None, model: str, adapters: list[str],
+            dataset: str, pad_id: int, resume_dir: str | None, info: dict) -> dict:
+    return run_training("sft", cfg, out_dir, model_dir=Path(model),
+                        adapters=[Path(a) for a in adapters], dataset_dir=Path(dataset),
+                        collate=make_collate(pad_id), prepare_model=_prepare_model(cfg.pad_token),
+                        resume_dir=resume_dir, on_metrics=on_metrics, extra_info=info)
+
+
+def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = None,
+        model: Path, adapters: list[Path] | tuple = (), resume_dir: Path | None = None,
+        data_cache_dir: Path | None = None) -> dict:
+    """Fold `adapters` (the pretrain stage's outputs, in order) into `model` (base-zh), add a
+    fresh LoRA and tune it on config.data; write the adapter to out_dir (as pretrain.run does)
+    and return summary metrics, including the bad-record counts.
+
+    resume_dir: stable scratch dir for checkpoints; rerunning into it resumes exactly.
+    data_cache_dir: where tokenized examples are kept between runs; None: a temp dir.
+    """
+    import datasets
+    from steps.checks import check_adapter, check_model
+
+    datasets.disable_progress_bars()
+    config = Config.model_validate(config) if not isinstance(config, Config) else config
+    out_dir, model, adapters = Path(out_dir), Path(model), [Path(a) for a in adapters]
+    if "{instruction}" not in config.prompt_template:
+        raise ValueError("sft.prompt_template must contain '{instruction}'")
+    sizes = check_model(model)
+    for a in adapters:
+        check_adapter(a, sizes.embed_rows)
+    files = data_files(config.data, SUFFIXES, "sft.data")
+    val_files = data_files(config.validation_data, SUFFIXES, "sft.validation_data") \
+        if config.validation_data else []
+    tokenizer, tok_src = load_tokenizer(model, adapters, config.pad_token)
+    key = "sft-" + cache_key({
+        "v": PREP_VERSION, "files": [sha256_files([f]) for f in files],
+        "val": [sha256_files([f]) for f in val_files], "tokenizer": tokenizer_digest(tok_src),
+        "pad": tokenizer.pad_token, "template": config.prompt_template,
+        "max_len": config.max_seq_length, "packing": config.packing,
+        "split": config.validation_split, "seed": config.seed,
+        "max_bad": config.max_bad_fraction})
+    with dataset_dir(Path(data_cache_dir) if data_cache_dir else None, key) as (ddir, hit):
+        if hit:
+            import json
+            meta = json.loads((ddir / "meta.json").read_text())
+            log.info("tokenized data: cache hit %s", ddir)
+        else:
+            import tempfile
+            with tempfile.TemporaryDirectory(prefix="llamaflow-sft-") as work:
+                train_ds, n_records, counts = build_examples(files, tokenizer, config, Path(work),
+                                                             "sft.data")
+                eval_ds = None
+                if val_files:
+                    eval_ds, _, _ = build_examples(val_files, tokenizer, config, Path(work),
+                                                   "sft.validation_data")
+                elif config.validation_split > 0:
+                    n_eval = math.ceil(config.validation_split * len(train_ds))
+                    if 1 <= n_eval < len(train_ds):
+                        s = train_ds.train_test_split(test_size=n_eval, seed=config.seed)
+                        train_ds, eval_ds = s["train"], s["test"]
+                meta = {"records": n_records, "bad": counts}
+                save_splits({"train": train_ds, "eval": eval_ds}, ddir, meta)
+        n_train = len(datasets.load_from_disk(str(ddir / "train")))
+        n_eval = len(datasets.load_from_disk(str(ddir / "eval"))) if (ddir / "eval").is_dir() else 0
+        counts = meta["bad"]
+        bad_total = sum(v for k, v in counts.items() if k != "no_target_after_truncation")
+        log.info("sft data: %d records, %d bad %s, %d train / %d eval examples", meta["records"],
+                 bad_total, counts, n_train, n_eval)
+        info = {"data_digest": key, "prompt_template": config.prompt_template,
+                "max_seq_length": config.max_seq_length}
+        summary = execute("steps.sft", _worker, config, out_dir, on_metrics=on_metrics,
+                          model=str(model), adapters=[str(a) for a in adapters], dataset=str(ddir),
+                          pad_id=tokenizer.pad_token_id,
+                          resume_dir=str(resume_dir) if resume_dir else None, info=info)
+    summary.update({"records": meta["records"], "bad_records": bad_total,
+                    "train_examples": n_train, "eval_examples": n_eval, "data_cache_hit": int(hit),
+                    **{f"bad_{k}": v for k, v in counts.items()}})
+    return summary
+
+
+def train(cfg: Config | dict, model_dir: Path, data: list[Path] | Path | None, out_dir: Path,
+          base_adapters: list[Path] | tuple = (), **kwargs) -> Path:
+    """Plain entry point: tune on `data` (overrides cfg.data) and return the adapter dir."""
+    cfg = Config.model_validate(cfg if isinstance(cfg, dict) else cfg.model_dump())
+    if data is not None:
+        cfg = cfg.model_copy(update={"data": [str(d) for d in (
+            [data] if isinstance(data, (str, Path)) else data)]})
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run(cfg, out_dir, model=Path(model_dir), adapters=list(base_adapters), **kwargs)
+    return out_dir
+
+
+if __name__ == "__main__":
+    worker_main(Config, _worker)

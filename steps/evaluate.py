@@ -384,3 +384,243 @@ def perplexity(model, text_path: Path | None = None, *, n_ctx: int = 512,
         "seconds": seconds, "tokens_per_s": n_fed / seconds if seconds > 0 else None,
         "backend": m.kind, "model": str(m.path), "adapters": [str(a) for a in m.adapters],
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# Generations for review
+# ---------------------------------------------------------------------------------------------
+
+def load_prompts(path: Path) -> list[dict]:
+    """A JSON list of {"instruction", "input"} records (Alpaca style; "input" may be empty)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt set {path} not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); expected a list of "
+                         '{"instruction": ..., "input": ...} records') from e
+    if not isinstance(data, list) or not all(isinstance(d, dict) and "instruction" in d for d in data):
+        raise ValueError(f"{path}: expected a JSON list of records with an 'instruction' key")
+    return [{"instruction": d["instruction"], "input": d.get("input", "") or ""} for d in data]
+
+
+def format_prompt(instruction: str, input: str = "", template: str = ALPACA_TEMPLATE) -> str:
+    # build_dataset.py: a non-empty input is appended to the instruction after a newline
+    return template.format(instruction=f"{instruction}\n{input}" if input else instruction)
+
+
+def generate(model, prompts: Sequence[dict | str], *, template: str = ALPACA_TEMPLATE,
+             max_new_tokens: int = 128, greedy: bool = True, temperature: float = 0.2,
+             top_p: float = 0.9, top_k: int = 40, repetition_penalty: float = 1.1, seed: int = 1,
+             adapters: Sequence[Path] = (), n_ctx: int = 512, n_threads: int | None = None,
+             device: str | None = None) -> list[dict]:
+    """Answer each prompt with `model` (HF dir + adapters, GGUF, or a model from `load`).
+
+    greedy=True: argmax decoding, no penalty (deterministic; HF and GGUF give the same text when
+    their logits agree). greedy=False: sampling with the recipe's inference defaults
+    (scripts/inference/inference_hf.py: temperature 0.2, top_k 40, top_p 0.9, repetition
+    penalty 1.1), seeded."""
+    m = model if isinstance(model, (HFModel, GGUFModel)) else load(
+        model, adapters, n_ctx=n_ctx, n_threads=n_threads, device=device)
+    records = [{"instruction": p, "input": ""} if isinstance(p, str) else p for p in prompts]
+    out = []
+    for i, rec in enumerate(records):
+        prompt = format_prompt(rec["instruction"], rec.get("input", ""), template)
+        t0 = time.perf_counter()
+        if m.kind == "hf":
+            text, n_new = _generate_hf(m, prompt, max_new_tokens, greedy, temperature, top_p,
+                                       top_k, repetition_penalty, seed + i)
+        else:
+            text, n_new = _generate_gguf(m, prompt, max_new_tokens, greedy, temperature, top_p,
+                                         top_k, repetition_penalty, seed + i)
+        out.append({"instruction": rec["instruction"], "input": rec.get("input", ""),
+                    "prompt": prompt, "output": text, "mode": "greedy" if greedy else "sampled",
+                    "n_new_tokens": n_new, "seconds": round(time.perf_counter() - t0, 4)})
+    return out
+
+
+def _generate_hf(m: HFModel, prompt, max_new_tokens, greedy, temperature, top_p, top_k,
+                 repetition_penalty, seed) -> tuple[str, int]:
+    import torch
+
+    enc = m.tokenizer(prompt, return_tensors="pt", add_special_tokens=True).to(m.device)
+    torch.manual_seed(seed)
+    sampling = {} if greedy else {"temperature": temperature, "top_p": top_p, "top_k": top_k,
+                                  "repetition_penalty": repetition_penalty}
+    with torch.inference_mode():
+        ids = m.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=not greedy,
+                               eos_token_id=m.tokenizer.eos_token_id,
+                               pad_token_id=m.tokenizer.pad_token_id or m.tokenizer.eos_token_id,
+                               **({"top_k": None, "top_p": None, "temperature": None}
+                                  if greedy else sampling))
+    new = ids[0, enc["input_ids"].shape[1]:]
+    return m.tokenizer.decode(new, skip_special_tokens=True), int(new.shape[0])
+
+
+def _generate_gguf(m: GGUFModel, prompt, max_new_tokens, greedy, temperature, top_p, top_k,
+                   repetition_penalty, seed) -> tuple[str, int]:
+    m.llm.reset()
+    m.llm.set_seed(seed)
+    # temperature 0 selects llama.cpp's greedy sampler; top_k 0 / min_p 0 disable those filters
+    r = m.llm.create_completion(
+        prompt, max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
+        top_p=1.0 if greedy else top_p, top_k=0 if greedy else top_k, min_p=0.0,
+        repeat_penalty=1.0 if greedy else repetition_penalty, seed=seed)
+    return r["choices"][0]["text"], int(r["usage"]["completion_tokens"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Optional model judge (OpenAI-compatible chat endpoint)
+# ---------------------------------------------------------------------------------------------
+
+JUDGE_ENV = ("LLAMAFLOW_JUDGE_URL", "LLAMAFLOW_JUDGE_KEY", "LLAMAFLOW_JUDGE_MODEL")
+JUDGE_SYSTEM = ("You grade answers of an instruction-following assistant. Reply with a single "
+                "integer from 1 (useless) to 10 (excellent), judging correctness, helpfulness and "
+                "whether the answer is in the language of the instruction.")
+
+
+def judge_config() -> dict | None:
+    """{"url", "key", "model"} from LLAMAFLOW_JUDGE_URL / _KEY / _MODEL, or None when the URL or
+    model is unset (the key may be empty for local servers)."""
+    url, key, model = (os.environ.get(k, "") for k in JUDGE_ENV)
+    return {"url": url, "key": key, "model": model} if url and model else None
+
+
+def judge(generations: list[dict], *, url: str, key: str, model: str,
+          timeout: float = 60.0) -> list[dict]:
+    """Score each generation 1-10 with a chat model; returns [{"score": int|None, "error": str|None,
+    "reply": str}]. POSTs {url}/chat/completions (url is the API base, e.g. https://host/v1, or
+    the full .../chat/completions). The key goes only into the Authorization header; errors are
+    reported without it."""
+    import requests
+
+    endpoint = url.rstrip("/")
+    if not endpoint.endswith("/chat/completions"):
+        endpoint += "/chat/completions"
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    results = []
+    for g in generations:
+        question = g["instruction"] + (f"\n{g['input']}" if g.get("input") else "")
+        body = {"model": model, "temperature": 0, "max_tokens": 8, "messages": [
+            {"role": "system", "content": JUDGE_SYSTEM},
+            {"role": "user", "content": f"Instruction:\n{question}\n\nAnswer:\n{g['output']}\n\n"
+                                        "Score (1-10):"}]}
+        try:
+            r = requests.post(endpoint, json=body, headers=headers, timeout=timeout)
+            r.raise_for_status()
+            reply = r.json()["choices"][0]["message"]["content"]
+        except Exception as e:  # one bad reply must not lose the others' scores
+            msg = f"{type(e).__name__}: {e}"
+            results.append({"score": None, "reply": "",
+                            "error": msg.replace(key, "***") if key else msg})
+            continue
+        found = re.search(r"\b(10|[1-9])\b", reply)
+        results.append({"score": int(found.group(1)) if found else None, "reply": reply[:200],
+                        "error": None if found else "no score 1-10 in the reply"})
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage protocol
+# ---------------------------------------------------------------------------------------------
+
+class EvalSet(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str                                   # a UTF-8 text file
+    kind: Literal["text", "wikitext"] = "text"  # wikitext: HF-joined file → canonical wiki.test.raw
+    max_tokens: int | None = None               # overrides Config.max_tokens for this set
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    eval_sets: dict[str, EvalSet] = Field(default_factory=dict)
+    n_ctx: int = 512                        # llama-perplexity's default context
+    protocol: Literal["llama.cpp", "strided"] = "llama.cpp"
+    stride: int | None = None               # strided only; None = n_ctx/2
+    max_tokens: int | None = None           # token budget per set (None = the whole text)
+    batch_size: int = 8                     # windows per HF forward
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # HF compute dtype
+    n_threads: int | None = None            # llama.cpp threads (None = all cores)
+    device: str | None = None               # None = cuda when available, else cpu
+    prompts: str | None = None              # JSON list of {instruction, input}; None = no generations
+    template: str = ALPACA_TEMPLATE
+    max_new_tokens: int = 128
+    modes: list[Literal["greedy", "sampled"]] = Field(default_factory=lambda: ["greedy", "sampled"])
+    temperature: float = 0.2                # sampled mode: the recipe's inference defaults
+    top_p: float = 0.9
+    top_k: int = 40
+    repetition_penalty: float = 1.1
+    seed: int = 1
+    judge: bool = False                     # score generations with LLAMAFLOW_JUDGE_* when set
+
+
+DATA_FIELDS = ("eval_sets.*.path", "prompts")
+
+
+def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = None,
+        model: Path, adapters: Sequence[Path] = ()) -> dict:
+    """Evaluate ONE model (HF dir [+ adapters] or a GGUF artifact dir/file) on every eval set and
+    the prompt set → out_dir/results.json, out_dir/generations.jsonl."""
+    out_dir = Path(out_dir)
+    model, adapters = Path(model), [Path(a) for a in adapters]
+    # every input is checked before the model is loaded
+    if not model.exists():
+        raise FileNotFoundError(f"model {model} does not exist")
+    texts = {name: read_text(Path(s.path), s.kind) for name, s in config.eval_sets.items()}
+    prompts = load_prompts(Path(config.prompts)) if config.prompts else []
+    judge_cfg = judge_config() if config.judge else None
+
+    # a GGUF context also has to hold prompt + answer; each perplexity chunk still starts afresh
+    m = load(model, adapters, n_ctx=max(config.n_ctx, 512 if prompts else 0),
+             n_threads=config.n_threads, device=config.device, dtype=config.dtype)
+
+    results = {"model": str(model), "backend": m.kind, "adapters": [str(a) for a in adapters],
+               "protocol": config.protocol, "n_ctx": config.n_ctx, "sets": {}}
+    metrics: dict = {}
+    for step, (name, text) in enumerate(texts.items()):
+        s = config.eval_sets[name]
+        r = perplexity(m, text=text, n_ctx=config.n_ctx, protocol=config.protocol,
+                       stride=config.stride, batch_size=config.batch_size,
+                       max_tokens=s.max_tokens if s.max_tokens is not None else config.max_tokens)
+        r |= {"path": s.path, "kind": s.kind}
+        results["sets"][name] = r
+        flat = {f"{name}.{k}": r[k] for k in ("ppl", "ppl_err", "bits_per_byte", "char_ppl",
+                                              "n_scored", "n_tokens", "tokens_per_s")
+                if r[k] is not None}
+        metrics |= flat
+        if on_metrics:
+            on_metrics(flat, step)
+
+    generations = []
+    for mode in config.modes if prompts else []:
+        generations += generate(m, prompts, template=config.template,
+                                max_new_tokens=config.max_new_tokens, greedy=mode == "greedy",
+                                temperature=config.temperature, top_p=config.top_p,
+                                top_k=config.top_k, repetition_penalty=config.repetition_penalty,
+                                seed=config.seed)
+    if generations:
+        metrics["generations"] = len(generations)
+        metrics["gen_tokens_per_s"] = (sum(g["n_new_tokens"] for g in generations)
+                                       / max(sum(g["seconds"] for g in generations), 1e-9))
+    if config.judge and generations:
+        if judge_cfg is None:
+            results["judge"] = "not configured"
+        else:
+            scores = judge(generations, **judge_cfg)
+            for g, s in zip(generations, scores):
+                g["judge_score"], g["judge_error"] = s["score"], s["error"]
+            valid = [s["score"] for s in scores if s["score"] is not None]
+            results["judge"] = {"model": judge_cfg["model"], "scored": len(valid),
+                                "mean": sum(valid) / len(valid) if valid else None}
+            if valid:
+                metrics["judge_mean"] = results["judge"]["mean"]
+    else:
+        results["judge"] = "not configured" if config.judge else "off"
+    results["generations"] = len(generations)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False),
+                                          encoding="utf-8")
+    with open(out_dir / "generations.jsonl", "w", encoding="utf-8") as f:
+        for g in generations:
+            f.write(json.dumps(g, ensure_ascii=False) + "\n")
+    return metrics

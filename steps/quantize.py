@@ -1,0 +1,474 @@
+"""Quantize stage: HF LLaMA → GGUF (our exporter, gguf's writer) → llama.cpp's own quantizer.
+
+Two entry points, as in llama.cpp's own flow (`convert_hf_to_gguf.py` then `llama-quantize`):
+- `export_gguf(model_dir, out_path, qtype)` streams the safetensors weights tensor by tensor into
+  a GGUF file (f32/f16/bf16, or q8_0/q4_0 with gguf's numpy quantizers, which match ggml's
+  reference quantizers), with the llama metadata, the SentencePiece vocabulary and the rotary
+  layout llama.cpp expects;
+- `quantize_gguf(src, out, qtype)` runs `llama_model_quantize` (llama-cpp-python) on an f16/f32
+  GGUF for every llama.cpp type (K-quants can only come from there: gguf cannot make them).
+
+Recipe pain points handled here (reference §9): P7 K-quants on a vocabulary not divisible by 256
+(only a row length, ne0 = hidden size, must be a multiple of the block size; llama.cpp falls back
+per tensor and `quant_info.json` records what each tensor got); P9 a tokenizer that does not match
+the embedding rows (checked before anything is written); P10 added tokens ([PAD]) and padding of
+the token list up to the embedding rows.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from steps.checks import check_model
+
+VERSION = "1"
+DATA_FIELDS = ()
+
+# Written by our exporter straight from the HF weights.
+EXPORT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
+# Made by llama.cpp's quantizer from an f16/bf16/f32 GGUF (names as `llama-quantize` takes them,
+# lower case). Q4_K_M/Q5_K_M give Q6_K to attn_v/ffn_down of some layers and output.weight is Q6_K
+# for every type but Q8_0 (llama.cpp's llama_tensor_get_type).
+LLAMA_CPP_TYPES = ("q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_0", "q5_1", "q4_k_m", "q4_k_s", "q4_0",
+                   "q4_1", "q3_k_m", "q3_k_s", "q3_k_l", "q2_k")
+ALL_TYPES = tuple(dict.fromkeys(EXPORT_TYPES + LLAMA_CPP_TYPES))
+
+# Rows are quantized this many at a time so a 32000×4096 embedding never needs more than a few
+# hundred MB of temporaries on top of its output.
+_ROWS_PER_CHUNK = 2048
+# A vocabulary padded to a multiple of 64/128/256 leaves fewer spare rows than this; more spare
+# rows than tokens means the wrong (smaller) tokenizer was shipped with the model (P9: the
+# original 32000-piece LLaMA tokenizer next to a 49954-row Chinese model).
+_MAX_VOCAB_PADDING = 256
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    qtype: str = "f16"      # one type per stage run; the flow iterates conf/quantize types
+    nthread: int = 0        # llama.cpp quantizer threads; 0 = all cores
+    pure: bool = False      # llama.cpp --pure: one type for every 2-D tensor (no Q6_K output/mixtures)
+
+    @field_validator("qtype")
+    @classmethod
+    def _known_type(cls, v: str) -> str:
+        return normalize_qtype(v)
+
+
+def normalize_qtype(qtype: str) -> str:
+    q = str(qtype).strip().lower()
+    if q not in ALL_TYPES:
+        raise ValueError(f"unknown quantization type {qtype!r}; valid types: {', '.join(ALL_TYPES)}")
+    return q
+
+
+# --------------------------------------------------------------------------------------------
+# HF → GGUF export
+
+
+def _read_config(model_dir: Path) -> dict:
+    config = json.loads((model_dir / "config.json").read_text())
+    arch = (config.get("architectures") or ["?"])[0]
+    if arch != "LlamaForCausalLM" and config.get("model_type") != "llama":
+        raise ValueError(f"{model_dir}/config.json: architecture {arch!r} is not LlamaForCausalLM; "
+                         "this exporter writes llama GGUF files only")
+    n_head = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // n_head
+    if head_dim * n_head != config["hidden_size"]:
+        raise ValueError(f"{model_dir}/config.json: head_dim {head_dim} × {n_head} heads != "
+                         f"hidden_size {config['hidden_size']}; llama.cpp's llama architecture "
+                         "needs head_dim = hidden_size / num_attention_heads")
+    if config.get("attention_bias") or config.get("mlp_bias"):
+        raise ValueError(f"{model_dir}/config.json: attention_bias/mlp_bias are set; LLaMA has no "
+                         "biases and this exporter does not write them")
+    return config
+
+
+def _rope(config: dict) -> tuple[float, dict | None]:
+    """(freq base, scaling dict or None) from transformers 5 `rope_parameters` or older keys."""
+    params = config.get("rope_parameters") or {}
+    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
+    scaling = config.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind != "linear":
+            raise ValueError(f"rope scaling {kind!r} in config.json is not supported by this exporter "
+                             "(only 'linear', as in Chinese-LLaMA-Alpaca-2-16K)")
+    return float(theta), scaling
+
+
+def _safetensors_index(model_dir: Path) -> dict[str, Path]:
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors files; save the model with "
+                                "save_pretrained(safe_serialization=True) (the convert and merge "
+                                "stages do)")
+    from safetensors import safe_open
+
+    where: dict[str, Path] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                where[name] = f
+    return where
+
+
+def _vocab(model_dir: Path, n_rows: int) -> dict:
+    """The SentencePiece vocabulary as llama.cpp wants it (like convert_hf_to_gguf's
+    _create_vocab_sentencepiece): piece types map 1:1 onto gguf.TokenType; HF added tokens beyond
+    the pieces (e.g. Chinese-Alpaca's [PAD]) become USER_DEFINED (score -1000) so llama.cpp matches
+    them in text as the HF tokenizer does; ids up to the embedding rows are padded with [PAD{i}]
+    UNUSED entries (P10)."""
+    from steps.tokenizer import load_sp_proto
+
+    sp_file = model_dir / "tokenizer.model"
+    if not sp_file.is_file():
+        raise FileNotFoundError(
+            f"{sp_file} not found: llama.cpp needs the SentencePiece tokenizer.model the model was "
+            "trained with; copy it (the vocab/merge stage output carries it) into the model dir")
+    proto = load_sp_proto(sp_file)
+    tokens = [p.piece.encode("utf-8") for p in proto.pieces]
+    scores = [float(p.score) for p in proto.pieces]
+    types = [int(p.type) for p in proto.pieces]
+
+    added: dict[int, str] = {}
+    tj = model_dir / "tokenizer.json"
+    if tj.is_file():
+        for t in json.loads(tj.read_text(encoding="utf-8")).get("added_tokens", []):
+            added[int(t["id"])] = t["content"]
+    atj = model_dir / "added_tokens.json"   # the Chinese-LLaMA-Alpaca (transformers 4.28) layout
+    if atj.is_file():
+        added.update({int(i): s for s, i in json.loads(atj.read_text(encoding="utf-8")).items()})
+    for i in sorted(added):
+        if i < len(proto.pieces):
+            if added[i].encode("utf-8") != tokens[i]:
+                raise ValueError(f"{model_dir}: HF added token {added[i]!r} has id {i}, which is "
+                                 f"SentencePiece piece {tokens[i].decode()!r}; the HF tokenizer "
+                                 "files and tokenizer.model disagree")
+            continue
+        if i >= n_rows:
+            raise ValueError(f"{model_dir}: added token {added[i]!r} has id {i} but the embedding "
+                             f"has {n_rows} rows (P9); resize the embeddings (vocab stage) or drop "
+                             "the token")
+        while len(tokens) < i:   # a gap in the ids: keep positions aligned
+            tokens.append(f"[PAD{len(tokens)}]".encode())
+            scores.append(-1000.0)
+            types.append(5)
+        tokens.append(added[i].encode("utf-8"))
+        scores.append(-1000.0)
+        types.append(4)   # USER_DEFINED
+
+    n_tok = len(tokens)
+    if n_tok > n_rows:
+        raise ValueError(f"{model_dir}: tokenizer.model + added tokens = {n_tok} tokens but the "
+                         f"embedding has {n_rows} rows (P9): this is not the tokenizer the model was "
+                         "trained with; ship the tokenizer produced by the vocab/merge stage")
+    if n_rows - n_tok >= _MAX_VOCAB_PADDING:
+        raise ValueError(f"{model_dir}: the tokenizer has {n_tok} tokens but the embedding {n_rows} "
+                         f"rows (P9): {n_rows - n_tok} ids would have no token. This is the wrong "
+                         "tokenizer (e.g. LLaMA's 32000 pieces next to a Chinese-LLaMA model); "
+                         "ship the tokenizer produced by the vocab/merge stage")
+    for i in range(n_tok, n_rows):
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(5)   # UNUSED
+
+    spec = proto.trainer_spec
+    special = {k: v for k, v in (("unk", spec.unk_id), ("bos", spec.bos_id), ("eos", spec.eos_id))
+               if v >= 0}
+    pad = None
+    tc = model_dir / "tokenizer_config.json"
+    if tc.is_file():
+        pad = json.loads(tc.read_text(encoding="utf-8")).get("pad_token")
+        pad = pad.get("content") if isinstance(pad, dict) else pad
+    if pad is None and spec.pad_id >= 0:
+        special["pad"] = spec.pad_id
+    elif pad is not None:
+        ids = [i for i, t in enumerate(tokens) if t == pad.encode("utf-8")]
+        if not ids:
+            raise ValueError(f"{tc}: pad_token {pad!r} is not in the vocabulary")
+        special["pad"] = ids[0]
+    return {"tokens": tokens, "scores": scores, "types": types, "special": special,
+            "n_tokenizer": n_tok, "add_space_prefix": bool(proto.normalizer_spec.add_dummy_prefix)}
+
+
+def _permute_rotary(w, n_head: int):
+    """HF's q/k rows (halves rotated together) back to Meta's interleaved pairs, which llama.cpp's
+    rope (mode 0) expects; inverse of transformers' convert_llama_weights_to_hf permute."""
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _gguf_types():
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    F = gguf.LlamaFileType
+    return {"f32": (Q.F32, F.ALL_F32), "f16": (Q.F16, F.MOSTLY_F16), "bf16": (Q.BF16, F.MOSTLY_BF16),
+            "q8_0": (Q.Q8_0, F.MOSTLY_Q8_0), "q4_0": (Q.Q4_0, F.MOSTLY_Q4_0)}
+
+
+def export_gguf(model_dir: Path, out_path: Path, qtype: str = "f16") -> Path:
+    """Write the HF LLaMA in `model_dir` as a GGUF file at `out_path` (atomically: a temp name in
+    the same folder, renamed at the end). 1-D tensors (norms) stay F32; 2-D tensors get `qtype`
+    (f32/f16/bf16, or q8_0/q4_0 for every 2-D tensor, i.e. llama-quantize --pure); a row length
+    not a multiple of the block size falls back to F16 (as llama.cpp does)."""
+    import gguf
+    import torch
+    from safetensors import safe_open
+
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    qtype = normalize_qtype(qtype)
+    if qtype not in EXPORT_TYPES:
+        raise ValueError(f"export_gguf writes {', '.join(EXPORT_TYPES)}; {qtype} needs llama.cpp: "
+                         "export f16 first, then quantize_gguf(f16_gguf, out, qtype)")
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{model_dir}/config.json not found: expected a Hugging Face "
+                                "model directory")
+    # Everything below is checked before a byte is written.
+    sizes = check_model(model_dir)
+    config = _read_config(model_dir)
+    vocab = _vocab(model_dir, sizes.embed_rows)
+    theta, scaling = _rope(config)
+    where = _safetensors_index(model_dir)
+    n_layer = config["num_hidden_layers"]
+    n_head = config["num_attention_heads"]
+    n_kv = config.get("num_key_value_heads") or n_head
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
+
+    plan = []   # (hf name, gguf name, shape, ggml type)
+    target, file_type = _gguf_types()[qtype]
+    for hf_name in where:
+        if hf_name.endswith("rotary_emb.inv_freq"):
+            continue
+        name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ValueError(f"{where[hf_name]}: tensor {hf_name!r} is not part of a LLaMA model "
+                             "(no llama.cpp name for it)")
+        with safe_open(str(where[hf_name]), framework="pt") as st:
+            shape = tuple(st.get_slice(hf_name).get_shape())
+        if len(shape) == 1:
+            ttype = gguf.GGMLQuantizationType.F32
+        elif shape[-1] % gguf.GGML_QUANT_SIZES[target][0] == 0:
+            ttype = target
+        else:
+            ttype = gguf.GGMLQuantizationType.F16
+        plan.append((hf_name, name, shape, ttype))
+    block = lambda n: int(m.group(1)) if (m := re.match(r"blk\.(\d+)\.", n)) else -1  # noqa: E731
+    order = {"token_embd.weight": -2, "output_norm.weight": 1 << 30, "output.weight": 1 << 31}
+    plan.sort(key=lambda p: (order.get(p[1], block(p[1])), p[1]))
+    missing = {"token_embd.weight", "output_norm.weight"} - {p[1] for p in plan}
+    if missing or sum(p[1].startswith("blk.") for p in plan) != 9 * n_layer:
+        raise ValueError(f"{model_dir}: expected 9 tensors per layer × {n_layer} layers plus "
+                         f"embeddings and norm; missing {sorted(missing)} or layer tensors")
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    w = gguf.GGUFWriter(tmp, "llama")
+    w.add_name(model_dir.name)
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(config["hidden_size"])
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(n_head)
+    w.add_head_count_kv(n_kv)
+    w.add_layer_norm_rms_eps(config["rms_norm_eps"])
+    w.add_rope_dimension_count(config["hidden_size"] // n_head)
+    w.add_rope_freq_base(theta)
+    if scaling:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(scaling["factor"]))
+    w.add_vocab_size(sizes.embed_rows)
+    w.add_file_type(int(file_type))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_tokenizer_model("llama")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(vocab["tokens"])
+    w.add_token_scores(vocab["scores"])
+    w.add_token_types(vocab["types"])
+    for key, tid in vocab["special"].items():
+        getattr(w, f"add_{key}_token_id")(tid)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+    w.add_add_space_prefix(vocab["add_space_prefix"])
+    for _, name, shape, ttype in plan:
+        if ttype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            dtype = np.float32 if ttype == gguf.GGMLQuantizationType.F32 else np.float16
+            w.add_tensor_info(name, shape, np.dtype(dtype), int(np.prod(shape)) * np.dtype(dtype).itemsize)
+        else:
+            byte_shape = gguf.quant_shape_to_byte_shape(shape, ttype)
+            w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=ttype)
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for hf_name, name, shape, ttype in plan:
+            with safe_open(str(where[hf_name]), framework="pt") as st:
+                t = st.get_tensor(hf_name)
+            if name.endswith("attn_q.weight"):
+                t = _permute_rotary(t, n_head)
+            elif name.endswith("attn_k.weight"):
+                t = _permute_rotary(t, n_kv)
+            w.write_tensor_data(_convert(t, ttype))
+            del t
+        w.close()
+        os.replace(tmp, out_path)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return out_path
+
+
+def _convert(t, ttype):
+    """A torch tensor as the bytes of ggml type `ttype`, a chunk of rows at a time."""
+    import gguf
+    import torch
+
+    Q = gguf.GGMLQuantizationType
+    if ttype == Q.F32:
+        return t.to(torch.float32).numpy()
+    if ttype == Q.F16:
+        return t.to(torch.float16).numpy()
+    if ttype == Q.BF16:   # round-to-nearest-even, as gguf's and ggml's fp32 -> bf16
+        return t.to(torch.bfloat16).view(torch.uint16).numpy().view(np.uint8)
+    parts = [gguf.quants.quantize(t[i:i + _ROWS_PER_CHUNK].to(torch.float32).numpy(), ttype)
+             for i in range(0, t.shape[0], _ROWS_PER_CHUNK)]
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+# --------------------------------------------------------------------------------------------
+# llama.cpp quantization and read-back
+
+
+def gguf_info(path: Path) -> dict:
+    """What a GGUF holds, read back with gguf's GGUFReader: size, parameters, bits per weight,
+    tensor types (a histogram and per tensor), file type and vocabulary size."""
+    import gguf
+
+    path = Path(path)
+    r = gguf.GGUFReader(path)
+    by_name = {t.name: t.tensor_type.name for t in r.tensors}
+    n_params = int(sum(int(t.n_elements) for t in r.tensors))
+    data_bytes = int(sum(int(t.n_bytes) for t in r.tensors))
+    size = path.stat().st_size
+    field = lambda k: r.fields[k].contents() if k in r.fields else None  # noqa: E731
+    ft = field("general.file_type")
+    return {"file_size": size, "n_params": n_params, "bpw": size * 8 / n_params,
+            "tensor_bpw": data_bytes * 8 / n_params,
+            "tensor_types": dict(sorted(Counter(by_name.values()).items())),
+            "tensor_type_by_name": by_name,
+            "file_type": gguf.LlamaFileType(ft).name if ft is not None else None,
+            "n_vocab": len(r.fields["tokenizer.ggml.tokens"].data)}
+
+
+def _llama_ftype(qtype: str) -> int:
+    import llama_cpp
+
+    return getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}")
+
+
+def quantize_gguf(src_gguf: Path, out_path: Path, qtype: str, nthread: int = 0, *,
+                  pure: bool = False) -> Path:
+    """llama.cpp's quantizer (`llama_model_quantize`, = `llama-quantize src out QTYPE nthread`)
+    from an f32/f16/bf16 GGUF to `qtype`; written to a temp name then renamed."""
+    import gguf
+
+    src_gguf, out_path = Path(src_gguf), Path(out_path)
+    q = str(qtype).strip().lower()
+    if q not in LLAMA_CPP_TYPES:
+        raise ValueError(f"unknown llama.cpp quantization type {qtype!r}; valid types: "
+                         f"{', '.join(LLAMA_CPP_TYPES)}")
+    if not src_gguf.is_file():
+        raise FileNotFoundError(f"{src_gguf}: source GGUF not found (export one with "
+                                "export_gguf(model_dir, out, 'f16'))")
+    try:
+        r = gguf.GGUFReader(src_gguf)
+    except Exception as e:
+        raise ValueError(f"{src_gguf} is not a readable GGUF file: {e}") from None
+    float_types = {"F32", "F16", "BF16"}
+    quantized = {t.name for t in r.tensors if t.tensor_type.name not in float_types}
+    if quantized:
+        raise ValueError(f"{src_gguf} already holds quantized tensors ({sorted(quantized)[:3]}...); "
+                         "quantize from the f16 (or f32/bf16) export, never requantize")
+    del r
+    import llama_cpp
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = _llama_ftype(q)
+    params.nthread = int(nthread)
+    params.pure = bool(pure)
+    try:
+        rc = llama_cpp.llama_model_quantize(str(src_gguf).encode(), str(tmp).encode(), params)
+        if rc != 0:
+            raise RuntimeError(f"llama_model_quantize({src_gguf} -> {q}) failed with code {rc}; "
+                               "see llama.cpp's log above")
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out_path
+
+
+# --------------------------------------------------------------------------------------------
+# stage protocol
+
+
+def _find_gguf(src: Path) -> Path:
+    src = Path(src)
+    if src.is_file():
+        return src
+    found = sorted(src.glob("*.gguf"))
+    if len(found) != 1:
+        raise FileNotFoundError(f"{src}: expected exactly one .gguf file (the f16 export), found "
+                                f"{[f.name for f in found]}")
+    return found[0]
+
+
+def run(config: Config, out_dir: Path, *, on_metrics=None, model: Path | None = None,
+        gguf: Path | None = None) -> dict:
+    """Make out_dir/model-<qtype>.gguf and out_dir/quant_info.json.
+
+    `model` (an HF dir) → our exporter, for f32/f16/bf16 and direct q8_0/q4_0;
+    `gguf` (an artifact dir or file holding an f16/bf16/f32 GGUF) → llama.cpp's quantizer."""
+    out_dir = Path(out_dir)
+    q = config.qtype
+    if (model is None) == (gguf is None):
+        raise ValueError("quantize: give exactly one input, `model` (HF dir, for "
+                         f"{', '.join(EXPORT_TYPES)}) or `gguf` (the f16 GGUF, for llama.cpp types)")
+    out = out_dir / f"model-{q}.gguf"
+    t0 = time.time()
+    if model is not None:
+        if q not in EXPORT_TYPES:
+            raise ValueError(f"quantize: {q} is made by llama.cpp from the f16 GGUF; pass gguf=<f16 "
+                             "artifact> (the lifecycle does), not the HF model")
+        # The exporter's q8_0/q4_0 are always "pure" (gguf cannot make output.weight's Q6_K).
+        export_gguf(Path(model), out, q)
+        method = "export (gguf numpy)" if q in ("q8_0", "q4_0") else "export"
+        source = Path(model)
+    else:
+        if q not in LLAMA_CPP_TYPES:
+            raise ValueError(f"quantize: {q} is exported from the HF model; pass model=<HF dir>")
+        source = _find_gguf(Path(gguf))
+        quantize_gguf(source, out, q, config.nthread, pure=config.pure)
+        method = "llama.cpp"
+    seconds = time.time() - t0
+    info = gguf_info(out)
+    record = {"qtype": q, "file": out.name, "method": method, "source": source.name,
+              "seconds": seconds, **info}
+    (out_dir / "quant_info.json").write_text(json.dumps(record, indent=2) + "\n")
+    metrics = {"qtype": q, "file_size": info["file_size"], "n_params": info["n_params"],
+               "bpw": info["bpw"], "tensor_bpw": info["tensor_bpw"], "n_vocab": info["n_vocab"],
+               "seconds": seconds}
+    metrics |= {f"tensors_{k}": v for k, v in info["tensor_types"].items()}
+    if on_metrics:
+        on_metrics({k: v for k, v in metrics.items() if k != "qtype"}, 0)
+    return metrics

@@ -36,6 +36,7 @@ class Faults:
     missing: set[str] = field(default_factory=set)             # path -> 404
     status: dict[str, list[int]] = field(default_factory=dict)  # path -> statuses to answer first
     require_query: str | None = None                           # 403 unless the query equals this
+    ignore_range: set[str] = field(default_factory=set)        # path -> answer Range with a 200
 
 
 class _Server:
@@ -81,10 +82,10 @@ class _Server:
         return req
 
     def _send_body(self, handler, req: Request, body: bytes, headers: dict[str, str],
-                   method: str, drop_after: int | None = None) -> None:
+                   method: str, drop_after: int | None = None, use_range: bool = True) -> None:
         """200/206 with Range support; optionally close the connection after `drop_after` bytes."""
         status, total = 200, len(body)
-        rng = req.range
+        rng = req.range if use_range else None
         if rng:
             m = re.fullmatch(r"bytes=(\d+)-", rng)
             start = int(m[1]) if m else -1
@@ -157,7 +158,7 @@ class FileServer(_Server):
             i = len(body) // 3
             body = body[:i] + bytes([body[i] ^ 0xFF]) + body[i + 1:]
         self._send_body(handler, req, body, {"Content-Type": "application/octet-stream"}, method,
-                        drop_after=drop)
+                        drop_after=drop, use_range=path not in f.ignore_range)
 
 
 class HubStub(_Server):

@@ -143,6 +143,20 @@ def test_partial_file_is_resumed_and_verified_files_are_not_fetched_again(meta_r
     assert (dest / "consolidated.00.pth").read_bytes() == data
 
 
+def test_stale_partial_files_are_restarted(meta_root, tmp_path):
+    """A .part longer than the file (416) or a server ignoring Range (200) restarts the file."""
+    dest = tmp_path / "out"
+    dest.mkdir()
+    shard0 = (meta_root / "7B" / "consolidated.00.pth").read_bytes()
+    (dest / "consolidated.00.pth.part").write_bytes(b"x" * (len(shard0) + 10))
+    (dest / "consolidated.01.pth.part").write_bytes(b"garbage")
+    with FileServer(meta_root, Faults(ignore_range={"/7B/consolidated.01.pth"})) as srv:
+        dl.download(url_source(srv.url), dest, progress=False)
+    assert [r.status for r in srv.gets("/7B/consolidated.00.pth")] == [416, 200]
+    assert [(r.status, r.range) for r in srv.gets("/7B/consolidated.01.pth")] == [(200, "bytes=7-")]
+    assert_same_files(meta_root, dest)
+
+
 def test_retries_exhausted_is_an_error(meta_root, tmp_path):
     with FileServer(meta_root, Faults(status={"/7B/params.json": [500, 500, 500]})) as srv:
         with pytest.raises(dl.DownloadError, match=r"params.json: failed after 1 retries \(HTTP 500"):

@@ -1,0 +1,539 @@
+"""vocab stage: train or take a Chinese SentencePiece model, merge it into the LLaMA tokenizer,
+and resize the model's embeddings to the merged vocabulary (Chinese-LLaMA-Alpaca, section 3 of the
+recipe reference).
+
+The merge works on the SentencePiece ModelProto, as the recipe's merge_tokenizers.py does: the base
+pieces keep their ids, scores and order; each extra piece not already present is appended. Two
+defects of the recipe are fixed:
+- scores: the recipe appends every piece with score 0. SentencePiece (and llama.cpp) merge by
+  score, breaking ties by position; a Hugging Face BPE merge list breaks them by rank, so the two
+  disagree on ~60% of Chinese lines. Here appended pieces continue the base's strictly descending
+  scores (score_strategy="rank"): merge priority by score == by id, no ties, and every converter
+  (HF from scores, HF from vocab order, llama.cpp) gives SentencePiece's ids.
+- English: chinese_sp brings Latin and digit pieces that retokenize ~70% of English lines.
+  mode="cjk" appends only pieces containing CJK characters, so text without CJK is untouched.
+
+extend_model streams the safetensors tensor by tensor (one tensor in memory at a time): old rows
+are copied bit for bit, new rows initialised by `init`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Iterator, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from steps.tokenizer import NORMAL, UNUSED, USER_DEFINED, load_sp_proto, save_hf_tokenizer
+
+VERSION = "1"
+
+Mode = Literal["all", "cjk"]
+Init = Literal["mean", "subword_mean", "normal"]
+ScoreStrategy = Literal["rank", "zero"]
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    # An existing SentencePiece model to merge (e.g. Chinese-LLaMA-Alpaca's chinese_sp.model);
+    # None: train one on `corpus` with the settings below.
+    extra_sp: Path | None = None
+    corpus: list[Path] | Path | None = None
+    vocab_size: int = 20000
+    model_type: Literal["unigram", "bpe"] = "unigram"
+    character_coverage: float = 0.9995
+    input_sentence_size: int = 2_000_000
+    num_threads: int | None = None          # None: all CPU cores
+    mode: Mode = "all"
+    pad_token: str | None = None            # "[PAD]" for Chinese-Alpaca's 49954
+    pad_to_multiple_of: int | None = None   # e.g. 256 so K-quants divide the rows
+    score_strategy: ScoreStrategy = "rank"
+    init: Init = "mean"
+    seed: int = 0
+    eval_zh: Path | None = None
+    eval_en: Path | None = None
+
+
+DATA_FIELDS = ("extra_sp", "corpus", "eval_zh", "eval_en")
+
+
+# --------------------------------------------------------------------------------------------
+# Training an extra tokenizer
+# --------------------------------------------------------------------------------------------
+
+def _corpus_files(corpus: list[Path] | Path) -> list[Path]:
+    paths = [Path(corpus)] if isinstance(corpus, (str, Path)) else [Path(p) for p in corpus]
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in (".txt", ".jsonl"))
+        elif p.is_file():
+            if p.suffix not in (".txt", ".jsonl"):
+                raise ValueError(f"{p}: corpus files must be .txt (one text per line) or .jsonl "
+                                 "(one object with a `text` field per line)")
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"corpus path {p} does not exist")
+    if not files:
+        raise ValueError(f"corpus {[str(p) for p in paths]} holds no .txt or .jsonl files")
+    return files
+
+
+def iter_corpus(corpus: list[Path] | Path) -> Iterator[str]:
+    """Non-empty lines of .txt files and the `text` field of .jsonl records, one at a time."""
+    for f in _corpus_files(corpus):
+        with open(f, encoding="utf-8") as fh:
+            for n, line in enumerate(fh, 1):
+                if f.suffix == ".jsonl":
+                    if not line.strip():
+                        continue
+                    try:
+                        text = json.loads(line)["text"]
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        raise ValueError(f"{f}:{n}: not a JSON object with a `text` field") from None
+                else:
+                    text = line.rstrip("\r\n")
+                if text.strip():
+                    yield text
+
+
+def train_tokenizer(corpus: list[Path] | Path, out_dir: Path, vocab_size: int,
+                    model_type: str = "unigram", character_coverage: float = 0.9995,
+                    input_sentence_size: int = 2_000_000, shuffle: bool = True,
+                    num_threads: int | None = None, seed: int = 0, **trainer_kwargs) -> Path:
+    """Train a SentencePiece model on `corpus` (files or directories of .txt/.jsonl) and return
+    out_dir/tokenizer.model. Lines are streamed into the trainer, which keeps a random sample of
+    `input_sentence_size` of them (0: all), so a multi-GB corpus is never loaded whole.
+
+    Defaults suit a model meant for merging into LLaMA's: the identity normalizer (LLaMA's; the
+    recipe's nmt_nfkc would fold the full-width punctuation "，" to ","), digits split as LLaMA
+    does, no byte pieces (the base has them). `trainer_kwargs` go to SentencePieceTrainer."""
+    import sentencepiece as spm
+
+    _corpus_files(corpus)  # fail on a bad path before starting the trainer
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spm.set_random_generator_seed(seed)
+    options = dict(model_type=model_type, vocab_size=vocab_size,
+                   character_coverage=character_coverage, input_sentence_size=input_sentence_size,
+                   shuffle_input_sentence=shuffle, num_threads=num_threads or os.cpu_count() or 1,
+                   normalization_rule_name="identity", split_digits=True, byte_fallback=False,
+                   unk_id=0, bos_id=1, eos_id=2, pad_id=-1, max_sentence_length=16384,
+                   minloglevel=2)
+    options.update(trainer_kwargs)
+    corpus_errors: list[Exception] = []
+
+    def lines() -> Iterator[str]:
+        try:
+            yield from iter_corpus(corpus)
+        except Exception as e:  # the trainer would re-raise it as an opaque RuntimeError
+            corpus_errors.append(e)
+            raise
+
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=lines(),
+                                       model_prefix=str(out_dir / "tokenizer"), **options)
+    except RuntimeError as e:
+        if corpus_errors:
+            raise corpus_errors[0] from None
+        raise ValueError(f"training a SentencePiece model on {corpus} with vocab_size={vocab_size} "
+                         f"failed: {e}. vocab_size must cover the corpus' required characters "
+                         "and not exceed what the corpus supports: change vocab_size (or "
+                         "character_coverage) as the message says") from None
+    (out_dir / "tokenizer.vocab").unlink(missing_ok=True)
+    return out_dir / "tokenizer.model"
+
+
+# --------------------------------------------------------------------------------------------
+# Merging
+# --------------------------------------------------------------------------------------------
+
+# Han ideographs (all blocks), radicals, CJK punctuation, kana, bopomofo, hangul, CJK
+# compatibility and full-width forms: the characters that never occur in plain English text.
+_CJK_RANGES = ((0x1100, 0x11FF), (0x2E80, 0x9FFF), (0xA960, 0xA97F), (0xAC00, 0xD7FF),
+               (0xF900, 0xFAFF), (0xFE10, 0xFE1F), (0xFE30, 0xFE4F), (0xFF00, 0xFFEF),
+               (0x1B000, 0x1B16F), (0x1F200, 0x1F2FF), (0x20000, 0x3FFFF))
+
+
+def is_cjk(ch: str) -> bool:
+    o = ord(ch)
+    return any(lo <= o <= hi for lo, hi in _CJK_RANGES)
+
+
+def has_cjk(text: str) -> bool:
+    return any(is_cjk(c) for c in text)
+
+
+def merge_tokenizers(base_sp: Path, extra_sp: Path, out_dir: Path, mode: Mode = "all",
+                     pad_token: str | None = None, pad_to_multiple_of: int | None = None,
+                     score_strategy: ScoreStrategy = "rank") -> Path:
+    """Append the pieces of `extra_sp` missing from `base_sp` (a BPE model such as LLaMA's) and
+    write out_dir/tokenizer.model, the HF tokenizer files and vocab_report.json; returns out_dir.
+
+    mode "cjk" appends only pieces with a CJK character. pad_token is added as an HF special
+    token after the last piece ([PAD] = 49953 -> len 49954). pad_to_multiple_of appends unused
+    pieces "<unused{i}>" (never produced by encoding) until len(tokenizer) % N == 0.
+    score_strategy "rank" continues the base's descending scores (SentencePiece == HF ids);
+    "zero" is the recipe's score 0, kept only to measure its defect."""
+    base_sp, extra_sp, out_dir = Path(base_sp), Path(extra_sp), Path(out_dir)
+    base, extra = load_sp_proto(base_sp), load_sp_proto(extra_sp)
+    if base.trainer_spec.model_type != 2:
+        raise ValueError(f"{base_sp}: the base tokenizer must be a BPE SentencePiece model like "
+                         f"LLaMA's (model_type {base.trainer_spec.model_type})")
+    if mode not in ("all", "cjk"):
+        raise ValueError(f"mode={mode!r}: use 'all' or 'cjk'")
+    if score_strategy not in ("rank", "zero"):
+        raise ValueError(f"score_strategy={score_strategy!r}: use 'rank' or 'zero'")
+    if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+        raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of}: must be a positive integer")
+
+    base_count = len(base.pieces)
+    seen = {p.piece for p in base.pieces}
+    # Below every base score except LLaMA's -1e9 whitespace-run pieces, which must stay last.
+    normal_scores = [p.score for p in base.pieces if p.type == NORMAL and p.score > -1e8]
+    next_score = (min(normal_scores) if normal_scores else 0.0) - 1.0
+    counts = dict(duplicates=0, skipped_non_cjk=0, skipped_special=0, added_chars=0,
+                  unused_pieces=0)
+    added: list[str] = []
+
+    def append(piece: str, kind: int = NORMAL) -> None:
+        nonlocal next_score
+        new = base.pieces.add()
+        new.piece, new.type = piece, kind
+        new.score = 0.0 if score_strategy == "zero" or kind != NORMAL else next_score
+        if kind == NORMAL and score_strategy == "rank":
+            next_score -= 1.0
+        seen.add(piece)
+        added.append(piece)
+
+    for p in extra.pieces:
+        if p.type not in (NORMAL, USER_DEFINED):  # <unk>, <s>, </s>, byte and unused pieces
+            counts["skipped_special"] += 1
+            continue
+        if p.piece in seen:
+            counts["duplicates"] += 1
+            continue
+        if mode == "cjk" and not has_cjk(p.piece):
+            counts["skipped_non_cjk"] += 1
+            continue
+        append(p.piece, p.type)
+    # A character missing from the vocabulary becomes byte pieces in HF's BPE before any merge,
+    # while SentencePiece merges raw characters: add it so both reach the pieces containing it.
+    # (Single characters are never merge results, so their place and score change no merge.)
+    for piece in list(added):
+        for ch in piece if len(piece) > 1 else ():
+            if ch not in seen:
+                append(ch)
+                counts["added_chars"] += 1
+
+    n_pieces = len(base.pieces)
+    extra_tokens = 1 if pad_token is not None and pad_token not in seen else 0
+    n_unused = (-(n_pieces + extra_tokens)) % pad_to_multiple_of if pad_to_multiple_of else 0
+    i = 0
+    while n_unused:
+        if f"<unused{i}>" not in seen:
+            append(f"<unused{i}>", UNUSED)
+            counts["unused_pieces"] += 1
+            n_unused -= 1
+        i += 1
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_file = out_dir / "tokenizer.model"
+    model_file.write_bytes(base.SerializeToString())
+    n_tokens = save_hf_tokenizer(model_file, out_dir, pad_token=pad_token)
+    report = dict(base_sp=str(base_sp), extra_sp=str(extra_sp), mode=mode,
+                  score_strategy=score_strategy, base_pieces=base_count,
+                  extra_pieces=len(extra.pieces),
+                  pieces_added=len(added) - counts["unused_pieces"],
+                  merged_pieces=len(base.pieces), pad_token=pad_token, tokenizer_size=n_tokens,
+                  pad_to_multiple_of=pad_to_multiple_of, **counts)
+    (out_dir / "vocab_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    return out_dir
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring a merge
+# --------------------------------------------------------------------------------------------
+
+def read_lines(path: Path) -> list[str]:
+    """Non-empty lines of a text file (CRLF or LF)."""
+    return [l for l in Path(path).read_text(encoding="utf-8").splitlines() if l.strip()]
+
+
+def compare_tokenizers(base_sp: Path, merged_dir: Path, lines: list[str]) -> dict:
+    """On `lines`: characters, base and merged SentencePiece token counts (no BOS), the share of
+    lines whose tokens changed, the round-trip failures, and the share of lines where the HF
+    tokenizer in merged_dir (AutoTokenizer) gives other ids than SentencePiece."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    base = spm.SentencePieceProcessor(model_file=str(base_sp))
+    merged = spm.SentencePieceProcessor(model_file=str(Path(merged_dir) / "tokenizer.model"))
+    hf = AutoTokenizer.from_pretrained(str(merged_dir))
+    b, m = base.encode(lines), merged.encode(lines)
+    h = hf(lines, add_special_tokens=False)["input_ids"] if lines else []
+    n = max(len(lines), 1)
+    return dict(lines=len(lines), chars=sum(map(len, lines)), base_tokens=sum(map(len, b)),
+                merged_tokens=sum(map(len, m)),
+                retokenized=sum(x != y for x, y in zip(b, m)) / n,
+                roundtrip_failures=sum(merged.decode(ids) != l for ids, l in zip(m, lines)),
+                hf_sp_mismatch=sum(x != y for x, y in zip(m, h)) / n)
+
+
+# --------------------------------------------------------------------------------------------
+# Extending the model
+# --------------------------------------------------------------------------------------------
+
+_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+              "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+              "BOOL": "bool"}
+
+
+def _write_safetensors(path: Path, header: dict[str, tuple[str, list[int]]], tensors,
+                       metadata: dict[str, str]) -> None:
+    """Write a .safetensors file one tensor at a time: the header is computed from the declared
+    (dtype, shape) of each tensor, then `tensors` (name, tensor) are written in header order."""
+    import torch
+
+    entries, offset = {}, 0
+    for name, (dtype, shape) in header.items():
+        nbytes = torch.empty((), dtype=getattr(torch, _ST_DTYPES[dtype])).element_size()
+        for s in shape:
+            nbytes *= s
+        entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    head = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+    with open(path, "wb") as f:
+        f.write(len(head).to_bytes(8, "little"))
+        f.write(head)
+        for name, t in tensors:
+            e = entries[name]
+            if list(t.shape) != e["shape"] or t.dtype != getattr(torch, _ST_DTYPES[e["dtype"]]):
+                raise AssertionError(f"{name}: wrote {tuple(t.shape)} {t.dtype}, declared {e}")
+            f.write(t.contiguous().view(-1).view(torch.uint8).numpy().data)
+
+
+def _subword_ids(base_proto, pieces: list[str]) -> list[list[int]]:
+    """The base-tokenizer ids each piece string splits into (no dummy prefix added)."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    proto = pb.ModelProto()
+    proto.CopyFrom(base_proto)
+    proto.normalizer_spec.add_dummy_prefix = False
+    proto.normalizer_spec.remove_extra_whitespaces = False
+    sp = spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+    return sp.encode([p.replace("▁", " ") for p in pieces])
+
+
+def _new_rows(old, n_new: int, init: str, subwords: list[list[int] | None], std: float, seed: int):
+    """`n_new` rows for matrix `old` (rows x dim), computed in float32 and cast to old.dtype."""
+    import torch
+
+    old32 = old.to(torch.float32)
+    mean = old32.mean(dim=0)
+    if init == "normal":
+        gen = torch.Generator().manual_seed(seed)
+        rows = torch.randn(n_new, old.shape[1], generator=gen) * std
+    else:
+        rows = mean.expand(n_new, -1).clone()
+        if init == "subword_mean":
+            for j, ids in enumerate(subwords):
+                if ids:
+                    rows[j] = old32[ids].mean(dim=0)
+    return rows.to(old.dtype)
+
+
+def extend_model(model_dir: Path, tokenizer_dir: Path, out_dir: Path, init: Init = "mean",
+                 seed: int = 0) -> Path:
+    """Write the HF model in `model_dir` with embed_tokens and lm_head resized to the merged
+    vocabulary in `tokenizer_dir` (rows = len(tokenizer)) into `out_dir`, with the merged
+    tokenizer files. Old rows are bit-identical; new rows by `init`:
+    mean: the mean of the old rows; subword_mean: the mean of the old rows of the pieces the BASE
+    tokenizer splits the new piece into (mean for pad/unused pieces); normal:
+    N(0, initializer_range) from `seed`. Tensors are streamed one at a time."""
+    import torch
+    from safetensors import safe_open
+
+    from steps.checks import tokenizer_size
+
+    model_dir, tokenizer_dir, out_dir = Path(model_dir), Path(tokenizer_dir), Path(out_dir)
+    if init not in ("mean", "subword_mean", "normal"):
+        raise ValueError(f"init={init!r}: use 'mean', 'subword_mean' or 'normal'")
+    for f in ("tokenizer.model", "tokenizer.json"):
+        if not (tokenizer_dir / f).is_file():
+            raise FileNotFoundError(f"{tokenizer_dir / f} not found: tokenizer_dir must be the "
+                                    "output of merge_tokenizers (tokenizer.model + HF files)")
+    config_file = model_dir / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found: model_dir must be a Hugging Face model "
+                                "directory (run the convert stage first)")
+    shards = sorted(model_dir.glob("*.safetensors"))
+    if not shards:
+        raise FileNotFoundError(f"no *.safetensors in {model_dir}: extend_model reads safetensors "
+                                "(the convert stage writes them)")
+    config = json.loads(config_file.read_text())
+    old_vocab = int(config["vocab_size"])
+    new_vocab, _ = tokenizer_size(tokenizer_dir)
+    if new_vocab < old_vocab:
+        raise ValueError(f"{tokenizer_dir} has {new_vocab} tokens but {model_dir} already has "
+                         f"{old_vocab}: a merged tokenizer only appends pieces")
+    merged = load_sp_proto(tokenizer_dir / "tokenizer.model")
+    base = None
+    if (model_dir / "tokenizer.model").is_file():
+        base = load_sp_proto(model_dir / "tokenizer.model")
+        moved = [i for i, p in enumerate(base.pieces)
+                 if i >= len(merged.pieces) or merged.pieces[i].piece != p.piece]
+        if moved:
+            raise ValueError(f"{tokenizer_dir / 'tokenizer.model'} was not merged from "
+                             f"{model_dir / 'tokenizer.model'}: base piece id {moved[0]} differs; "
+                             "merge the extra vocabulary into this model's own tokenizer")
+    elif init == "subword_mean":
+        raise FileNotFoundError(f"{model_dir / 'tokenizer.model'} not found: init='subword_mean' "
+                                "splits new pieces with the base tokenizer")
+
+    n_new = new_vocab - old_vocab
+    subwords: list[list[int] | None] = [None] * n_new
+    if init == "subword_mean" and n_new:
+        idx = [j for j in range(n_new) if old_vocab + j < len(merged.pieces)
+               and merged.pieces[old_vocab + j].type in (NORMAL, USER_DEFINED)]
+        for j, ids in zip(idx, _subword_ids(base, [merged.pieces[old_vocab + j].piece for j in idx])):
+            subwords[j] = [i for i in ids if i < old_vocab]
+    std = float(config.get("initializer_range", 0.02))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resized = {}
+    for k, shard in enumerate(shards):
+        with safe_open(str(shard), framework="pt") as st:
+            names = list(st.keys())
+            header = {}
+            for name in names:
+                sl = st.get_slice(name)
+                shape = list(sl.get_shape())
+                if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+                    if shape[0] != old_vocab:
+                        raise ValueError(f"{shard}: {name} has {shape[0]} rows but config.json "
+                                         f"vocab_size is {old_vocab}; fix the input model first")
+                    shape[0] = new_vocab
+                    resized[name] = shape
+                header[name] = (sl.get_dtype(), shape)
+
+            def tensors():
+                for i, name in enumerate(names):
+                    t = st.get_tensor(name)
+                    if name in resized and n_new:
+                        # embed_tokens and lm_head draw from different streams (seed, seed + 1)
+                        t = torch.cat([t, _new_rows(t, n_new, init, subwords, std,
+                                                    seed + name.endswith("lm_head.weight"))])
+                    yield name, t
+
+            _write_safetensors(out_dir / shard.name, header, tensors(),
+                               st.metadata() or {"format": "pt"})
+    if not any(n.endswith("embed_tokens.weight") for n in resized):
+        raise ValueError(f"no embed_tokens.weight in {model_dir}/*.safetensors")
+
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text())
+        data.setdefault("metadata", {})["total_size"] = sum(
+            sum(_nbytes(s) for s in _headers(out_dir / shard.name)) for shard in shards)
+        (out_dir / index.name).write_text(json.dumps(data, indent=2))
+    config["vocab_size"] = new_vocab
+    tok_cfg = json.loads((tokenizer_dir / "tokenizer_config.json").read_text()) \
+        if (tokenizer_dir / "tokenizer_config.json").is_file() else {}
+    if tok_cfg.get("pad_token"):
+        vocab = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
+        pad_ids = [t["id"] for t in vocab.get("added_tokens", []) if t["content"] == tok_cfg["pad_token"]]
+        pad_ids = pad_ids or [vocab["model"]["vocab"].get(tok_cfg["pad_token"])]
+        if pad_ids[0] is not None:
+            config["pad_token_id"] = pad_ids[0]
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if (model_dir / "generation_config.json").is_file():
+        shutil.copyfile(model_dir / "generation_config.json", out_dir / "generation_config.json")
+    for f in _TOKENIZER_FILES:
+        if (tokenizer_dir / f).is_file():
+            shutil.copyfile(tokenizer_dir / f, out_dir / f)
+    return out_dir
+
+
+def _headers(path: Path) -> list[dict]:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        head = json.loads(f.read(n))
+    head.pop("__metadata__", None)
+    return list(head.values())
+
+
+def _nbytes(entry: dict) -> int:
+    begin, end = entry["data_offsets"]
+    return end - begin
+
+
+# --------------------------------------------------------------------------------------------
+# Stage
+# --------------------------------------------------------------------------------------------
+
+def run(config: Config, out_dir: Path, *, on_metrics=None, model: Path) -> dict:
+    """Merge config's extra tokenizer (given or trained on `corpus`) into `model`'s tokenizer and
+    write the extended model with the merged tokenizer into out_dir (a normal HF model dir)."""
+    from steps.checks import check_model
+
+    start = time.time()
+    model, out_dir = Path(model), Path(out_dir)
+    base_sp = model / "tokenizer.model"
+    if not base_sp.is_file():
+        raise FileNotFoundError(f"{base_sp} not found: the vocab stage merges into the model's "
+                                "SentencePiece tokenizer, which the convert stage writes")
+    load_sp_proto(base_sp)
+    if config.extra_sp is not None:
+        load_sp_proto(config.extra_sp)   # a bad file fails here, before any work
+    elif config.corpus is None:
+        raise ValueError("vocab: set `extra_sp` (an existing SentencePiece model) or `corpus` (text "
+                         "to train one on)")
+    else:
+        _corpus_files(config.corpus)
+    for field in ("eval_zh", "eval_en"):
+        path = getattr(config, field)
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"vocab.{field}={path}: file not found")
+
+    work = out_dir / "_work"
+    extra_sp = config.extra_sp
+    if extra_sp is None:
+        extra_sp = train_tokenizer(config.corpus, work / "extra", config.vocab_size,
+                                   model_type=config.model_type,
+                                   character_coverage=config.character_coverage,
+                                   input_sentence_size=config.input_sentence_size,
+                                   num_threads=config.num_threads, seed=config.seed)
+    tok_dir = merge_tokenizers(base_sp, extra_sp, work / "tokenizer", mode=config.mode,
+                               pad_token=config.pad_token,
+                               pad_to_multiple_of=config.pad_to_multiple_of,
+                               score_strategy=config.score_strategy)
+    report = json.loads((tok_dir / "vocab_report.json").read_text())
+    extend_model(model, tok_dir, out_dir, init=config.init, seed=config.seed)
+
+    metrics = dict(base_vocab=report["base_pieces"], merged_pieces=report["merged_pieces"],
+                   merged_vocab=report["tokenizer_size"], pieces_added=report["pieces_added"])
+    for lang in ("zh", "en"):
+        path = getattr(config, f"eval_{lang}")
+        if path is not None:
+            stats = compare_tokenizers(base_sp, out_dir, read_lines(path))
+            metrics[f"tokens_per_char_{lang}_base"] = stats["base_tokens"] / max(stats["chars"], 1)
+            metrics[f"tokens_per_char_{lang}_merged"] = stats["merged_tokens"] / max(stats["chars"], 1)
+            metrics[f"retokenized_lines_{lang}"] = stats["retokenized"]
+            metrics[f"hf_sp_mismatch_lines_{lang}"] = stats["hf_sp_mismatch"]
+            report[f"eval_{lang}"] = stats
+    (out_dir / "vocab_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    if config.extra_sp is None:
+        shutil.copyfile(extra_sp, out_dir / "extra_sp.model")
+    shutil.rmtree(work)
+    sizes = check_model(out_dir)
+    metrics["embedding_rows"] = sizes.embed_rows
+    metrics["seconds"] = time.time() - start
+    return metrics

@@ -57,8 +57,10 @@ def _group(batch: dict, block_size: int) -> dict:
 def build_blocks(files: list[Path], tokenizer, block_size: int, text_column: str, work: Path):
     """Tokenize every file (BOS per line) and cut each into block_size blocks (datasets Arrow,
     on disk under `work`, never a Python list of the corpus)."""
+    import datasets
     from datasets import concatenate_datasets, load_dataset
 
+    datasets.disable_progress_bars()
     parts = []
     for f in files:
         ds = load_dataset(LOADERS[f.suffix], data_files=str(f), split="train",
@@ -125,6 +127,7 @@ def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = N
     datasets.disable_progress_bars()
     config = Config.model_validate(config) if not isinstance(config, Config) else config
     out_dir, model = Path(out_dir), Path(model)
+    out_dir.mkdir(parents=True, exist_ok=True)
     sizes = check_model(model)                      # before any tokenization
     key, files = data_key(config, model)
     with dataset_dir(Path(data_cache_dir) if data_cache_dir else None, key) as (ddir, hit):

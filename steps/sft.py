@@ -131,8 +131,10 @@ def build_examples(files: list[Path], tokenizer, cfg: Config, work: Path, field:
     """Tokenized examples (datasets Arrow) and the bad-record counts of `files`."""
     from collections import Counter
 
+    import datasets
     from datasets import concatenate_datasets, load_dataset
 
+    datasets.disable_progress_bars()
     parts, counts, n_records = [], Counter(), 0
     for f in files:
         try:
@@ -160,7 +162,7 @@ def build_examples(files: list[Path], tokenizer, cfg: Config, work: Path, field:
     bad_total = sum(v for k, v in counts.items() if k != "no_target_after_truncation")
     for what, n in (("bad", bad_total), ("prompt-only (truncated)", counts["no_target_after_truncation"])):
         if n_records and n / n_records > cfg.max_bad_fraction:
-            raise ValueError(f"{field}: {n} of {n_records} records are {what} "
+            raise ValueError(f"{field} ({', '.join(map(str, files))}): {n} of {n_records} records are {what} "
                              f"({dict(counts)}); more than max_bad_fraction={cfg.max_bad_fraction}. "
                              "Fix the data (or raise max_seq_length / max_bad_fraction)")
     examples = concatenate_datasets(parts)
@@ -228,6 +230,7 @@ def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = N
     datasets.disable_progress_bars()
     config = Config.model_validate(config) if not isinstance(config, Config) else config
     out_dir, model, adapters = Path(out_dir), Path(model), [Path(a) for a in adapters]
+    out_dir.mkdir(parents=True, exist_ok=True)
     if "{instruction}" not in config.prompt_template:
         raise ValueError("sft.prompt_template must contain '{instruction}'")
     sizes = check_model(model)

@@ -429,19 +429,20 @@ def generate(model, prompts: Sequence[dict | str], *, template: str = ALPACA_TEM
         prompt = format_prompt(rec["instruction"], rec.get("input", ""), template)
         t0 = time.perf_counter()
         if m.kind == "hf":
-            text, n_new = _generate_hf(m, prompt, max_new_tokens, greedy, temperature, top_p,
-                                       top_k, repetition_penalty, seed + i)
-        else:
-            text, n_new = _generate_gguf(m, prompt, max_new_tokens, greedy, temperature, top_p,
+            text, new_ids = _generate_hf(m, prompt, max_new_tokens, greedy, temperature, top_p,
                                          top_k, repetition_penalty, seed + i)
+        else:
+            text, new_ids = _generate_gguf(m, prompt, max_new_tokens, greedy, temperature, top_p,
+                                           top_k, repetition_penalty, seed + i)
         out.append({"instruction": rec["instruction"], "input": rec.get("input", ""),
                     "prompt": prompt, "output": text, "mode": "greedy" if greedy else "sampled",
-                    "n_new_tokens": n_new, "seconds": round(time.perf_counter() - t0, 4)})
+                    "n_new_tokens": len(new_ids), "output_ids": new_ids,
+                    "seconds": round(time.perf_counter() - t0, 4)})
     return out
 
 
 def _generate_hf(m: HFModel, prompt, max_new_tokens, greedy, temperature, top_p, top_k,
-                 repetition_penalty, seed) -> tuple[str, int]:
+                 repetition_penalty, seed) -> tuple[str, list[int]]:
     import torch
 
     enc = m.tokenizer(prompt, return_tensors="pt", add_special_tokens=True).to(m.device)
@@ -455,19 +456,27 @@ def _generate_hf(m: HFModel, prompt, max_new_tokens, greedy, temperature, top_p,
                                **({"top_k": None, "top_p": None, "temperature": None}
                                   if greedy else sampling))
     new = ids[0, enc["input_ids"].shape[1]:]
-    return m.tokenizer.decode(new, skip_special_tokens=True), int(new.shape[0])
+    return m.tokenizer.decode(new, skip_special_tokens=True), [int(t) for t in new]
 
 
 def _generate_gguf(m: GGUFModel, prompt, max_new_tokens, greedy, temperature, top_p, top_k,
-                   repetition_penalty, seed) -> tuple[str, int]:
-    m.llm.reset()
-    m.llm.set_seed(seed)
+                   repetition_penalty, seed) -> tuple[str, list[int]]:
+    import llama_cpp
+
+    vocab = llama_cpp.llama_model_get_vocab(m.llm.model)
+    m.llm.set_seed(seed)   # the dist sampler is built from this seed on each generate()
     # temperature 0 selects llama.cpp's greedy sampler; top_k 0 / min_p 0 disable those filters
-    r = m.llm.create_completion(
-        prompt, max_tokens=max_new_tokens, temperature=0.0 if greedy else temperature,
-        top_p=1.0 if greedy else top_p, top_k=0 if greedy else top_k, min_p=0.0,
-        repeat_penalty=1.0 if greedy else repetition_penalty, seed=seed)
-    return r["choices"][0]["text"], int(r["usage"]["completion_tokens"])
+    new: list[int] = []
+    for tok in m.llm.generate(m.tokenize(prompt), temp=0.0 if greedy else temperature,
+                              top_p=1.0 if greedy else top_p, top_k=0 if greedy else top_k,
+                              min_p=0.0, repeat_penalty=1.0 if greedy else repetition_penalty,
+                              reset=True):
+        if llama_cpp.llama_vocab_is_eog(vocab, tok):
+            break
+        new.append(int(tok))
+        if len(new) >= max_new_tokens:
+            break
+    return m.llm.detokenize(new).decode("utf-8", errors="replace"), new
 
 
 # ---------------------------------------------------------------------------------------------

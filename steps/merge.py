@@ -38,7 +38,7 @@ import pydantic
 from pydantic import ConfigDict
 
 from steps import MetricsCallback
-from steps.checks import VocabMismatch, check_adapter, tokenizer_size
+from steps.checks import VocabMismatch, check_adapter, check_model, tokenizer_size
 
 VERSION = "1"
 
@@ -96,6 +96,14 @@ class LoraPair:
         """T(B @ A) * scale in fp32 (peft's LoraLayer.get_delta_weight)."""
         d = self.B.float() @ self.A.float()
         return (d.T if self.fan_in_fan_out else d) * self.scale
+
+    def add_to(self, acc) -> None:
+        """acc += delta, in place and without materialising the delta (acc is fp32)."""
+        A, B = self.A.float(), self.B.float()
+        if self.fan_in_fan_out:
+            acc.addmm_(A.T, B.T, alpha=self.scale)
+        else:
+            acc.addmm_(B, A, alpha=self.scale)
 
 
 @dataclass
@@ -465,19 +473,25 @@ def iter_merged(plan: Plan, adapters: list[Adapter], dtype: str | None = None) -
     from safetensors import safe_open
 
     for bt in plan.base:
-        with safe_open(str(bt.file), framework="pt") as st:
-            w = st.get_tensor(bt.name)
         out_dtype = _torch_dtype(dtype or bt.dtype)
-        acc = None   # fp32 accumulator, created only for tensors an adapter touches
-        for ad in adapters:
-            if bt.name in ad.replace:
-                acc = ad.replace[bt.name].float().clone()
-            if bt.name in ad.lora:
-                if acc is None:
-                    acc = w.float()
-                acc += ad.lora[bt.name].delta()
-        merged = w if acc is None else acc
-        yield bt.name, merged.to(out_dtype)
+        # The last adapter that replaces this tensor outright (modules_to_save) sets its start;
+        # the base's copy is then never read (it is the largest tensor: the embedding).
+        start = max((i for i, ad in enumerate(adapters) if bt.name in ad.replace), default=None)
+        if start is None:
+            with safe_open(str(bt.file), framework="pt") as st:
+                w = st.get_tensor(bt.name)
+            later = adapters
+        else:
+            w = adapters[start].replace[bt.name]
+            later = adapters[start + 1:]
+        pairs = [ad.lora[bt.name] for ad in later if bt.name in ad.lora]
+        if pairs:
+            # fp32 accumulation over every adapter, one rounding at the end
+            acc = w.float() if start is None else w.float().clone()
+            for pair in pairs:
+                pair.add_to(acc)
+            w = acc
+        yield bt.name, w.to(out_dtype)
 
 
 def _write_hf_metadata(base_dir: Path, out_dir: Path, vocab_rows: int, tokenizer_dir: Path,
@@ -583,6 +597,7 @@ def merge_adapters(base_dir: Path, adapter_dirs: list[Path], out_dir: Path,
             writer.write(name, tensor)
         files = writer.close()
         _write_hf_metadata(base_dir, out_dir, plan.vocab_rows, plan.tokenizer_dir, dtype)
+        check_model(out_dir)   # P1: tokenizer <= config vocab_size == embed rows == lm_head rows
     else:
         _save_meta(dict(merged), base_dir, out_dir, plan.vocab_rows, plan.tokenizer_dir,
                    meta_n_shards)

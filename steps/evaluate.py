@@ -173,6 +173,7 @@ class GGUFModel:
         self.llm = Llama(model_path=str(self.path), n_ctx=n_ctx, n_batch=n_ctx,
                          n_ubatch=min(n_ctx, 512), logits_all=True,
                          n_threads=n_threads or os.cpu_count(),
+                         n_threads_batch=n_threads or os.cpu_count(),
                          n_gpu_layers=-1 if (device or "").startswith("cuda") else 0,
                          verbose=False)
         self.bos_id = self.llm.token_bos()

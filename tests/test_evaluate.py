@@ -185,7 +185,7 @@ def test_adapters_unmerged_change_ppl_and_equal_the_peft_merge(tiny_hf_model, tm
 
 @pytest.mark.parametrize("protocol", ["llama.cpp", "strided"])
 def test_gguf_equals_hf_on_identical_ids(hf, gguf_f32, protocol):
-    g = ev.load(gguf_f32, n_ctx=N_CTX)
+    g = ev.load(gguf_f32, n_ctx=N_CTX, n_threads=1)
     ids = g.tokenize(CORPUS.read_text(encoding="utf-8"))
     kw = dict(token_ids=ids, n_ctx=N_CTX, protocol=protocol, max_tokens=8 * N_CTX, progress=False)
     rg, rh = ev.perplexity(g, **kw), ev.perplexity(hf, **kw)
@@ -203,11 +203,11 @@ def test_gguf_protocol_equals_independent_llama_cpp_loop(gguf_f32):
     """llama-perplexity's loop written out on llama-cpp-python's own per-chunk logits."""
     from llama_cpp import Llama
 
-    g = ev.load(gguf_f32, n_ctx=N_CTX)
+    g = ev.load(gguf_f32, n_ctx=N_CTX, n_threads=1)
     text = CORPUS.read_text(encoding="utf-8")
     r = ev.perplexity(g, text=text, n_ctx=N_CTX, max_tokens=6 * N_CTX, progress=False)
 
-    llm = Llama(model_path=str(gguf_f32), n_ctx=N_CTX, n_batch=N_CTX, logits_all=True,
+    llm = Llama(model_path=str(gguf_f32), n_ctx=N_CTX, n_batch=N_CTX, logits_all=True, n_threads=1,
                 verbose=False)
     tokens = llm.tokenize(text.encode("utf-8"), add_bos=True)
     first, nll, nll2, count = N_CTX // 2, 0.0, 0.0, 0
@@ -233,7 +233,7 @@ def test_gguf_dir_and_errors(gguf_f32, tmp_path):
     d = tmp_path / "one"
     d.mkdir()
     (d / "m.gguf").symlink_to(gguf_f32)
-    assert isinstance(ev.load(d, n_ctx=N_CTX), ev.GGUFModel)
+    assert isinstance(ev.load(d, n_ctx=N_CTX, n_threads=1), ev.GGUFModel)
     (d / "n.gguf").symlink_to(gguf_f32)
     with pytest.raises(ValueError, match="holds 2 .gguf files"):
         ev.load(d)
@@ -265,7 +265,7 @@ def test_generate_greedy_follows_argmax_and_template(hf):
 
 
 def test_generate_gguf(gguf_f32):
-    g = ev.load(gguf_f32, n_ctx=256)
+    g = ev.load(gguf_f32, n_ctx=256, n_threads=1)
     out = ev.generate(g, ["What is a checksum?"], max_new_tokens=5)
     prompt_ids = g.tokenize(out[0]["prompt"])
     g.llm.reset()

@@ -1,0 +1,286 @@
+"""Report stage: every evaluated model × every eval set in one table, plots, and quality gates.
+
+Inputs are the evaluate stage's out_dirs (results.json each), the training stages' out_dirs
+(trainer_log.jsonl) and the quantize stage's GGUF dirs. Outputs in out_dir:
+    table.json, table.md      one row per (model, eval set): ppl ± err, bits/byte, char ppl,
+                              tokens, Δ vs the reference model, GGUF size and bits per weight
+    ppl_per_stage.png         perplexity and bits/byte per model, one line per eval set
+    loss_curves.png           training (and eval) loss per step of each training run
+    quant_size_vs_ppl.png     GGUF file size vs perplexity per quant type
+    gates.json                each configured gate with its measured value and pass/fail
+    report.md                 the table, the gates and the plots, for a Prefect markdown artifact
+
+Per-token perplexity compares only between models with the same tokenizer (the GGUFs and the
+merged model; base vs base-zh do not share a vocabulary), so Δ columns compare ppl only when the
+two models' token counts agree and always compare bits per byte.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from steps import MetricsCallback
+
+VERSION = "1"
+
+
+class GateFailed(RuntimeError):
+    """A configured quality gate failed and on_fail is "fail" (the report is written first)."""
+
+
+class Gate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    vs: str                                  # reference model label (e.g. gguf-f16 or f16)
+    max_delta_ppl_pct: float | None = None   # ppl may exceed the reference's by at most this %
+    max_delta_bpb_pct: float | None = None   # same for bits per byte
+    sets: list[str] | None = None            # eval sets to check; None = every set both have
+
+
+class Config(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    reference: str | None = "gguf-f16"       # Δ columns compare every model with this one
+    gates: dict[str, Gate] = Field(default_factory=dict)  # model label -> gate
+    on_fail: Literal["fail", "tag"] = "tag"  # fail: raise GateFailed; tag: report and carry on
+
+
+DATA_FIELDS: tuple[str, ...] = ()
+
+
+def _label(name: str, labels) -> str | None:
+    """A gate/reference name as given ("gguf-q4_0") or short ("q4_0" → "gguf-q4_0")."""
+    if name in labels:
+        return name
+    return f"gguf-{name}" if f"gguf-{name}" in labels else None
+
+
+def gguf_size(path: Path) -> dict:
+    """{"file_size", "n_params", "bpw"} of a .gguf (or a dir holding exactly one)."""
+    import gguf
+
+    path = Path(path)
+    if path.is_dir():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) != 1:
+            raise ValueError(f"{path}: expected exactly one .gguf, found {[f.name for f in found]}")
+        path = found[0]
+    n_params = int(sum(int(t.n_elements) for t in gguf.GGUFReader(path).tensors))
+    size = path.stat().st_size
+    return {"file_size": size, "n_params": n_params, "bpw": size * 8 / n_params}
+
+
+def read_training_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+
+
+def _pct(a, b):
+    return None if a is None or b in (None, 0) else (a / b - 1.0) * 100.0
+
+
+def build_report(evaluations: dict[str, Path], training_logs: dict[str, Path] | None = None,
+                 quant_info: dict[str, dict] | None = None, out_dir: Path = Path("."), *,
+                 gates: dict[str, Gate | dict] | None = None, reference: str | None = "gguf-f16",
+                 on_fail: str = "tag") -> dict:
+    """Write table/plots/gates for `evaluations` (label -> evaluate out_dir) into out_dir and
+    return {"rows", "gates", "passed"}; raise GateFailed afterwards if a gate failed and
+    on_fail == "fail"."""
+    out_dir = Path(out_dir)
+    training_logs, quant_info = training_logs or {}, quant_info or {}
+    gates = {k: g if isinstance(g, Gate) else Gate(**g) for k, g in (gates or {}).items()}
+    if on_fail not in ("fail", "tag"):
+        raise ValueError(f"on_fail={on_fail!r}; choose fail or tag")
+
+    results = {}
+    for label, d in evaluations.items():
+        f = Path(d) / "results.json"
+        if not f.is_file():
+            raise FileNotFoundError(f"evaluation `{label}`: {f} not found (not an evaluate "
+                                    "stage output)")
+        results[label] = json.loads(f.read_text(encoding="utf-8"))
+    for label, f in training_logs.items():
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"training log `{label}`: {f} not found")
+    labels = list(results)
+    ref = _label(reference, labels) if reference else None
+    # a gate on a model this run did not evaluate (e.g. that quant type was not made) is listed
+    # as skipped in gates.json and report.md, never counted as passed
+    skipped = [{"gate": k, "reason": f"no evaluated model `{n}` (models: {labels})"}
+               for k, g in gates.items() for n in (k, g.vs) if _label(n, labels) is None]
+    gates = {k: g for k, g in gates.items() if k not in {s["gate"] for s in skipped}}
+
+    rows = []
+    for label in labels:
+        q = quant_info.get(label, {})
+        for set_name, r in results[label]["sets"].items():
+            rr = results.get(ref, {}).get("sets", {}).get(set_name) if ref else None
+            same_tokens = rr is not None and rr["n_scored"] == r["n_scored"]
+            rows.append({
+                "model": label, "set": set_name, "backend": results[label].get("backend"),
+                "protocol": r["protocol"], "n_ctx": r["n_ctx"],
+                "ppl": r["ppl"], "ppl_err": r["ppl_err"], "bits_per_byte": r["bits_per_byte"],
+                "char_ppl": r["char_ppl"], "n_scored": r["n_scored"],
+                "n_text_tokens": r.get("n_text_tokens"), "n_bytes": r["n_bytes"],
+                "tokens_per_s": r.get("tokens_per_s"),
+                "delta_ppl_pct": _pct(r["ppl"], rr["ppl"]) if same_tokens else None,
+                "delta_bpb_pct": _pct(r["bits_per_byte"], rr["bits_per_byte"]) if rr else None,
+                "file_size": q.get("file_size"), "bpw": q.get("bpw")})
+    by = {(r["model"], r["set"]): r for r in rows}
+
+    checks = []
+    for key, g in gates.items():
+        label, vs = _label(key, labels), _label(g.vs, labels)
+        sets = g.sets or [s for s in results[label]["sets"] if s in results[vs]["sets"]]
+        for s in sets:
+            a, b = by.get((label, s)), by.get((vs, s))
+            if a is None or b is None:
+                checks.append({"gate": key, "model": label, "vs": vs, "set": s, "passed": False,
+                               "reason": f"set `{s}` missing from one of the two evaluations"})
+                continue
+            for metric, limit in (("ppl", g.max_delta_ppl_pct), ("bits_per_byte", g.max_delta_bpb_pct)):
+                if limit is None:
+                    continue
+                delta = _pct(a[metric], b[metric])
+                checks.append({"gate": key, "model": label, "vs": vs, "set": s, "metric": metric,
+                               "value": a[metric], "reference": b[metric], "delta_pct": delta,
+                               "max_delta_pct": limit, "passed": delta is not None and delta <= limit})
+    passed = all(c["passed"] for c in checks)
+    gates_out = {"passed": passed, "on_fail": on_fail, "checks": checks, "skipped": skipped}
+
+    (out_dir / "table.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    (out_dir / "gates.json").write_text(json.dumps(gates_out, indent=1), encoding="utf-8")
+    table_md = markdown_table(rows, ref)
+    (out_dir / "table.md").write_text(table_md + "\n", encoding="utf-8")
+    plots = _plots(rows, labels, training_logs, out_dir)
+    md = ["# llamaflow evaluation report", "", table_md, ""]
+    if checks:
+        md += ["## Gates", "", "| gate | set | metric | Δ % | max Δ % | result |", "|---|---|---|---|---|---|"]
+        md += [f"| {c['gate']} vs {c['vs']} | {c['set']} | {c.get('metric', '-')} | "
+               f"{_fmt(c.get('delta_pct'), 2)} | {_fmt(c.get('max_delta_pct'), 2)} | "
+               f"{'pass' if c['passed'] else 'FAIL'} |" for c in checks]
+        md.append("")
+    md += [f"Gate `{s['gate']}` skipped: {s['reason']}" for s in skipped] + ([""] if skipped else [])
+    md += [f"![{p}]({p})" for p in plots]
+    (out_dir / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+
+    if not passed and on_fail == "fail":
+        failed = [f"{c['gate']}/{c['set']}/{c.get('metric')}: Δ {_fmt(c.get('delta_pct'), 2)}% > "
+                  f"{c.get('max_delta_pct')}%" for c in checks if not c["passed"]]
+        raise GateFailed("quality gate(s) failed: " + "; ".join(failed) + f" (report in {out_dir})")
+    return {"rows": rows, "gates": gates_out, "passed": passed, "plots": plots}
+
+
+def _fmt(v, nd=4):
+    return "-" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+
+
+def markdown_table(rows: list[dict], reference: str | None) -> str:
+    ref = reference or "-"
+    head = ("| model | set | PPL ± err | bits/byte | char PPL | scored tokens | text tokens | "
+            f"ΔPPL % vs {ref} | Δbits/byte % vs {ref} | GGUF MB | bpw |")
+    lines = [head, "|" + "---|" * 11]
+    for r in rows:
+        size = r["file_size"] / 1e6 if r["file_size"] else None
+        lines.append(
+            f"| {r['model']} | {r['set']} | {r['ppl']:.4f} ± {r['ppl_err']:.4f} | "
+            f"{_fmt(r['bits_per_byte'])} | {_fmt(r['char_ppl'], 3)} | {r['n_scored']} | "
+            f"{_fmt(r['n_text_tokens'])} | {_fmt(r['delta_ppl_pct'], 3)} | "
+            f"{_fmt(r['delta_bpb_pct'], 3)} | {_fmt(size, 2)} | {_fmt(r['bpw'], 2)} |")
+    return "\n".join(lines)
+
+
+def _plots(rows, labels, training_logs, out_dir: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    sets = list(dict.fromkeys(r["set"] for r in rows))
+    by = {(r["model"], r["set"]): r for r in rows}
+
+    if rows:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for s in sets:
+            xs = [m for m in labels if (m, s) in by]
+            axes[0].plot(xs, [by[m, s]["ppl"] for m in xs], marker="o", label=s)
+            axes[1].plot(xs, [by[m, s]["bits_per_byte"] for m in xs], marker="o", label=s)
+        axes[0].set(title="perplexity per token (same-tokenizer models compare)", ylabel="PPL")
+        axes[0].set_yscale("log")
+        axes[1].set(title="bits per byte (compares across tokenizers)", ylabel="bits/byte")
+        for ax in axes:
+            ax.tick_params(axis="x", rotation=30)
+            ax.legend()
+            ax.grid(alpha=.3)
+        fig.tight_layout()
+        fig.savefig(out_dir / "ppl_per_stage.png", dpi=100)
+        plt.close(fig)
+        made.append("ppl_per_stage.png")
+
+    if training_logs:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for label, f in training_logs.items():
+            recs = read_training_log(f)
+            for key in ("loss", "train_loss", "eval_loss"):
+                pts = [(r["step"], r[key]) for r in recs if isinstance(r.get(key), (int, float))
+                       and "step" in r and math.isfinite(r[key])]
+                if pts:
+                    ax.plot(*zip(*pts), marker="." if key == "eval_loss" else None,
+                            linestyle="--" if key == "eval_loss" else "-", label=f"{label} {key}")
+        ax.set(title="training loss", xlabel="step", ylabel="loss")
+        ax.grid(alpha=.3)
+        if ax.lines:
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / "loss_curves.png", dpi=100)
+        plt.close(fig)
+        made.append("loss_curves.png")
+
+    quant = [r for r in rows if r["file_size"]]
+    if quant:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for s in sets:
+            pts = sorted((r["file_size"] / 1e6, r["ppl"], r["model"]) for r in quant if r["set"] == s)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s)
+            for x, y, m in pts:
+                ax.annotate(m.removeprefix("gguf-"), (x, y), textcoords="offset points",
+                            xytext=(4, 4), fontsize=8)
+        ax.set(title="GGUF size vs perplexity", xlabel="file size (MB)", ylabel="PPL")
+        ax.grid(alpha=.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / "quant_size_vs_ppl.png", dpi=100)
+        plt.close(fig)
+        made.append("quant_size_vs_ppl.png")
+    return made
+
+
+def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = None,
+        evaluations: dict[str, Path], training: dict[str, Path] | None = None,
+        quantized: dict[str, Path] | None = None) -> dict:
+    """evaluations: model label -> evaluate out_dir; training: run label -> training stage
+    out_dir (its trainer_log.jsonl is plotted); quantized: qtype -> quantize out_dir (its .gguf
+    size and bits per weight go into the rows of the evaluation labelled gguf-<qtype>)."""
+    evaluations = {k: Path(v) for k, v in evaluations.items() if v is not None}
+    logs = {}
+    for label, d in (training or {}).items():
+        if d is None:
+            continue
+        f = Path(d) / "trainer_log.jsonl" if Path(d).is_dir() else Path(d)
+        if not f.is_file():
+            raise FileNotFoundError(f"training run `{label}`: {f} not found")
+        logs[label] = f
+    quant_info = {f"gguf-{q}" if not q.startswith("gguf-") else q: gguf_size(Path(d))
+                  for q, d in (quantized or {}).items() if d is not None}
+    rep = build_report(evaluations, logs, quant_info, out_dir, gates=config.gates,
+                       reference=config.reference, on_fail=config.on_fail)
+    metrics = {f"{r['model']}.{r['set']}.{k}": r[k] for r in rep["rows"]
+               for k in ("ppl", "bits_per_byte", "delta_ppl_pct") if r[k] is not None}
+    metrics["gates_passed"] = int(rep["passed"])
+    metrics["gates_failed"] = sum(not c["passed"] for c in rep["gates"]["checks"])
+    if on_metrics:
+        on_metrics({"gates_passed": metrics["gates_passed"]}, 0)
+    return metrics

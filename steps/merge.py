@@ -346,6 +346,12 @@ def plan_merge(base_dir: Path, adapters: list[Adapter], check_base_digest: bool 
                                  "on a different base")
             shapes[name] = new
             n_replace += 1
+        grown = _vocab_rows(shapes)
+        if grown > rows and not ad.has_tokenizer:
+            raise MergeError(f"{ad.path}: grows the vocabulary from {rows} to {grown} rows but "
+                             "carries no tokenizer, so the merged model would ship one that does "
+                             "not cover its embeddings (P9): copy the tokenizer it was trained "
+                             "with into the adapter directory")
         for name, pair in ad.lora.items():
             if name not in shapes:
                 raise MergeError(f"{ad.path}: LoRA target {name!r} does not exist in the base "

@@ -112,6 +112,7 @@ def test_two_adapters_in_order_match_peft(tmp_path, tiny_hf_model, adapters):
     result = merge.run(cfg, tmp_path / "m", base=tiny_hf_model,
                        adapters=[adapters["pt"], adapters["sft"]])
     out = tmp_path / "m"
+    assert all(isinstance(v, (str, int, float)) for v in result.values())   # MLflow-loggable
     parent = adapters["pt"].parent.name
     assert result["order"] == f"{parent}/pt,{parent}/sft"
     assert result["vocab_size"] == PT_VOCAB + 1
@@ -243,6 +244,16 @@ def test_missing_files(tmp_path, tiny_hf_model, adapters):
         merge_adapters(tiny_hf_model, [adapters["pt"], broken], tmp_path / "m")
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         merge_adapters(tiny_hf_model, [tmp_path / "nowhere"], tmp_path / "m")
+    _assert_nothing_written(tmp_path / "m")
+
+
+def test_vocab_growth_without_tokenizer(tmp_path, tiny_hf_model, adapters):
+    bare = tmp_path / "pt_no_tok"
+    bare.mkdir()
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copyfile(adapters["pt"] / f, bare / f)
+    with pytest.raises(MergeError, match="from 320 to 352 rows but carries no tokenizer"):
+        merge_adapters(tiny_hf_model, [bare], tmp_path / "m")
     _assert_nothing_written(tmp_path / "m")
 
 

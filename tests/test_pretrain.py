@@ -168,3 +168,23 @@ def test_bad_inputs_fail_before_training(tiny_hf_model, tmp_path):
         pretrain.run(_cfg(per_device_batch_size=64), tmp_path / "o", model=tiny_hf_model)
     with pytest.raises(Exception, match="extra"):
         pretrain.Config(lerning_rate=1.0)
+
+
+def test_conf_defaults_mirror_the_configs(tmp_path):
+    """conf/pretrain, conf/sft (with their launcher default) compose into exactly Config()."""
+    import shutil
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+    from steps import sft
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    for g in ("pretrain", "sft", "launcher"):
+        shutil.copytree(conf / g, tmp_path / g)
+    (tmp_path / "config.yaml").write_text("defaults:\n  - pretrain: default\n  - sft: default\n  - _self_\n")
+    with initialize_config_dir(config_dir=str(tmp_path), version_base="1.3"):
+        c = OmegaConf.to_container(compose("config"), resolve=True)
+        ddp = OmegaConf.to_container(compose("config", overrides=[
+            "launcher@pretrain.launcher=ddp_cpu", "pretrain.lora.r=64"]), resolve=True)
+    assert pretrain.Config.model_validate(c["pretrain"]) == pretrain.Config()
+    assert sft.Config.model_validate(c["sft"]) == sft.Config()
+    p = pretrain.Config.model_validate(ddp["pretrain"])
+    assert (p.launcher.nproc, p.launcher.backend, p.lora.r) == (2, "gloo", 64)

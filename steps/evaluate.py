@@ -34,6 +34,7 @@ each result also normalises the same summed NLL by the text the scored tokens st
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -156,13 +157,37 @@ class HFModel:
         return out
 
 
+@contextlib.contextmanager
+def _model_params(use_extra_bufts: bool):
+    """Llama() takes its llama_model_params from llama_model_default_params() and has no argument
+    for `use_extra_bufts` (ggml's AMX and repacked-weight CPU buffers), so swap the default in
+    for the constructor call. Why off by default: a llama-cpp-python built with GGML_NATIVE on a
+    CPU that advertises AMX (this project's VMs) dies with SIGILL on the first AMX tile
+    instruction when it runs Q8_0/Q4_0 weights; the plain CPU kernels give the same results."""
+    import llama_cpp
+    import llama_cpp.llama as L
+
+    orig = L.llama_cpp.llama_model_default_params
+
+    def params():
+        p = orig()
+        p.use_extra_bufts = use_extra_bufts
+        return p
+
+    L.llama_cpp.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        L.llama_cpp.llama_model_default_params = orig
+
+
 class GGUFModel:
     """A GGUF file on llama.cpp (llama-cpp-python), with logits for every position."""
 
     kind = "gguf"
 
     def __init__(self, path: Path, *, n_ctx: int = 512, n_threads: int | None = None,
-                 device: str | None = None):
+                 device: str | None = None, extra_buffers: bool = False):
         try:
             from llama_cpp import Llama
         except ImportError as e:
@@ -170,12 +195,13 @@ class GGUFModel:
                               "'llama-cpp-python==0.3.36' (or the project's [llamacpp] extra)") from e
         self.path = Path(path)
         self.n_ctx = n_ctx
-        self.llm = Llama(model_path=str(self.path), n_ctx=n_ctx, n_batch=n_ctx,
-                         n_ubatch=min(n_ctx, 512), logits_all=True,
-                         n_threads=n_threads or os.cpu_count(),
-                         n_threads_batch=n_threads or os.cpu_count(),
-                         n_gpu_layers=-1 if (device or "").startswith("cuda") else 0,
-                         verbose=False)
+        with _model_params(extra_buffers):
+            self.llm = Llama(model_path=str(self.path), n_ctx=n_ctx, n_batch=n_ctx,
+                             n_ubatch=min(n_ctx, 512), logits_all=True,
+                             n_threads=n_threads or os.cpu_count(),
+                             n_threads_batch=n_threads or os.cpu_count(),
+                             n_gpu_layers=-1 if (device or "").startswith("cuda") else 0,
+                             verbose=False)
         self.bos_id = self.llm.token_bos()
         self.adapters: list[Path] = []
 
@@ -218,7 +244,8 @@ def _nll_from_logits(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 
 def load(model: Path | str, adapters: Sequence[Path] = (), *, n_ctx: int = 512,
-         n_threads: int | None = None, device: str | None = None, dtype: str = "float32"):
+         n_threads: int | None = None, device: str | None = None, dtype: str = "float32",
+         extra_buffers: bool = False):
     """Open `model`: a .gguf file or a dir holding exactly one (llama.cpp), else an HF dir."""
     model = Path(model)
     if not model.exists():
@@ -228,7 +255,8 @@ def load(model: Path | str, adapters: Sequence[Path] = (), *, n_ctx: int = 512,
         if adapters:
             raise ValueError(f"{gguf}: adapters apply to HF models only; merge them first "
                              "(merge stage) and export the merged model")
-        return GGUFModel(gguf, n_ctx=n_ctx, n_threads=n_threads, device=device)
+        return GGUFModel(gguf, n_ctx=n_ctx, n_threads=n_threads, device=device,
+                         extra_buffers=extra_buffers)
     return HFModel(model, adapters, device=device, dtype=dtype)
 
 
@@ -552,6 +580,7 @@ class Config(BaseModel):
     batch_size: int = 8                     # windows per HF forward
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # HF compute dtype
     n_threads: int | None = None            # llama.cpp threads (None = all cores)
+    extra_buffers: bool = False             # llama.cpp AMX/repacked-weight CPU buffers (see _model_params)
     device: str | None = None               # None = cuda when available, else cpu
     prompts: str | None = None              # JSON list of {instruction, input}; None = no generations
     template: str = ALPACA_TEMPLATE
@@ -583,7 +612,8 @@ def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = N
 
     # a GGUF context also has to hold prompt + answer; each perplexity chunk still starts afresh
     m = load(model, adapters, n_ctx=max(config.n_ctx, 512 if prompts else 0),
-             n_threads=config.n_threads, device=config.device, dtype=config.dtype)
+             n_threads=config.n_threads, device=config.device, dtype=config.dtype,
+             extra_buffers=config.extra_buffers)
 
     results = {"model": str(model), "backend": m.kind, "adapters": [str(a) for a in adapters],
                "protocol": config.protocol, "n_ctx": config.n_ctx, "sets": {}}

@@ -22,7 +22,7 @@ N_CTX = 64
 
 @pytest.fixture(scope="module")
 def hf(tiny_hf_model):
-    return ev.load(tiny_hf_model)
+    return ev.load(tiny_hf_model, device="cpu")   # the brute-force references below run on CPU
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +86,19 @@ def test_strided_protocol_equals_hf_docs_loop(hf):
     assert r["n_scored"] == n == len(ids) - 1   # every token but BOS, exactly once
     assert r["nll_sum"] == pytest.approx(nll_sum, rel=1e-6)
     assert r["ppl"] == pytest.approx(math.exp(nll_sum / n), rel=1e-6)
+
+
+@pytest.mark.gpu
+def test_cuda_batched_equals_cpu(tiny_hf_model, hf):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    text = CORPUS.read_text(encoding="utf-8")
+    for protocol in ("llama.cpp", "strided"):
+        kw = dict(text=text, n_ctx=N_CTX, protocol=protocol, progress=False)
+        gpu = ev.perplexity(ev.load(tiny_hf_model, device="cuda"), batch_size=16, **kw)
+        cpu = ev.perplexity(hf, batch_size=1, **kw)
+        assert gpu["n_scored"] == cpu["n_scored"]
+        assert gpu["ppl"] == pytest.approx(cpu["ppl"], rel=1e-5)
 
 
 def test_windows_protocol_details():

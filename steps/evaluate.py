@@ -618,11 +618,21 @@ def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = N
     results = {"model": str(model), "backend": m.kind, "adapters": [str(a) for a in adapters],
                "protocol": config.protocol, "n_ctx": config.n_ctx, "sets": {}}
     metrics: dict = {}
-    for step, (name, text) in enumerate(texts.items()):
+    # tokenize and cut every set first, so a set too short for n_ctx fails before any scoring
+    ids, budget = {}, {}
+    for name, text in texts.items():
         s = config.eval_sets[name]
-        r = perplexity(m, text=text, n_ctx=config.n_ctx, protocol=config.protocol,
-                       stride=config.stride, batch_size=config.batch_size,
-                       max_tokens=s.max_tokens if s.max_tokens is not None else config.max_tokens)
+        ids[name] = m.tokenize(text)
+        budget[name] = s.max_tokens if s.max_tokens is not None else config.max_tokens
+        try:
+            windows_for(ids[name], n_ctx=config.n_ctx, protocol=config.protocol,
+                        stride=config.stride, bos_id=m.bos_id, max_tokens=budget[name])
+        except ValueError as e:
+            raise ValueError(f"eval set `{name}` ({s.path}): {e}") from None
+    for step, name in enumerate(texts):
+        s = config.eval_sets[name]
+        r = perplexity(m, token_ids=ids[name], n_ctx=config.n_ctx, protocol=config.protocol,
+                       stride=config.stride, batch_size=config.batch_size, max_tokens=budget[name])
         r |= {"path": s.path, "kind": s.kind}
         results["sets"][name] = r
         flat = {f"{name}.{k}": r[k] for k in ("ppl", "ppl_err", "bits_per_byte", "char_ppl",

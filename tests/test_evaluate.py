@@ -378,6 +378,17 @@ def test_run_checks_inputs_before_loading(tmp_path):
         ev.Config(n_ctxx=3)
 
 
+def test_run_rejects_a_short_set_before_scoring_any(tiny_hf_model, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("Too short for two chunks.", encoding="utf-8")
+    cfg = _cfg(eval_sets={"corpus": {"path": str(CORPUS)}, "tiny": {"path": str(short)}}, prompts=None)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ValueError, match="eval set `tiny` .*short.txt.*2\\*n_ctx"):
+        ev.run(cfg, out, model=tiny_hf_model)
+    assert list(out.iterdir()) == []
+
+
 @pytest.mark.shared_data
 def test_wikitext_kind_rebuilds_canonical_wiki_test_raw(shared_data, llama_tokenizer):
     import sentencepiece as spm

@@ -495,17 +495,19 @@ class Trainer:
         t_log = time.perf_counter()
         last_eval: dict = {}
         while self.step < self.total_steps:
+            step_loss = torch.zeros((), device=self.dist.device)   # no GPU sync per micro-batch
             for a in range(accum):
-                rows = [self.train_ds[i] for i in self._micro_indices(self.step * accum + a)]
-                batch = self._batch(rows)
-                n_tok = float(batch["attention_mask"].sum()) if "attention_mask" in batch \
-                    else float(batch["input_ids"].numel())
+                cpu = self.collate([self.train_ds[i] for i in
+                                    self._micro_indices(self.step * accum + a)])
+                n_tok = float(cpu["attention_mask"].sum()) if "attention_mask" in cpu \
+                    else float(cpu["input_ids"].numel())
+                batch = {k: v.to(self.dist.device, non_blocking=True) for k, v in cpu.items()}
                 sync = contextlib.nullcontext() if (self.dist.world == 1 or a == accum - 1) \
                     else self.net.no_sync()
                 with sync, self._autocast():
                     loss = self.net(**batch).loss
                 self.scaler.scale(loss / accum).backward()
-                self.acc["loss"] += float(loss.detach()) / accum
+                step_loss += loss.detach() / accum
                 self.acc["tokens"] += n_tok
                 self.rank_tokens += n_tok
             self.scaler.unscale_(self.optimizer)
@@ -518,6 +520,7 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             self.acc["n"] += 1
+            self.acc["loss"] += float(step_loss)       # one sync per optimizer step
             self.acc["grad_norm"] += float(norm)
             last = self.step == self.total_steps
 

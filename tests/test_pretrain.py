@@ -188,3 +188,15 @@ def test_conf_defaults_mirror_the_configs(tmp_path):
     assert sft.Config.model_validate(c["sft"]) == sft.Config()
     p = pretrain.Config.model_validate(ddp["pretrain"])
     assert (p.launcher.nproc, p.launcher.backend, p.lora.r) == (2, "gloo", 64)
+
+
+def test_gradient_checkpointing_gives_the_same_adapter(tiny_hf_model, tmp_path):
+    from safetensors.torch import load_file
+    cfg = _cfg(max_steps=2, eval_every=0, validation_split=0.0, lora={"dropout": 0.0})
+    pretrain.run(cfg, tmp_path / "a", model=tiny_hf_model)
+    pretrain.run(cfg.model_copy(update={"gradient_checkpointing": True}), tmp_path / "b",
+                 model=tiny_hf_model)
+    a = load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert any("lora_B" in k and (a[k] != 0).any() for k in a)

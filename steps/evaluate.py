@@ -121,6 +121,9 @@ class HFModel:
         self.bos_id = self.tokenizer.bos_token_id
         self.adapters = adapters
 
+    def close(self) -> None:
+        self.model = None
+
     def tokenize(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
@@ -204,6 +207,10 @@ class GGUFModel:
                              verbose=False)
         self.bos_id = self.llm.token_bos()
         self.adapters: list[Path] = []
+
+    def close(self) -> None:
+        # explicit, because llama-cpp-python's __del__ at interpreter exit raises TypeError noise
+        self.llm.close()
 
     def tokenize(self, text: str) -> list[int]:
         # as llama-perplexity: common_tokenize(ctx, text, add_special=true, parse_special=false)
@@ -615,7 +622,15 @@ def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = N
              n_threads=config.n_threads, device=config.device, dtype=config.dtype,
              extra_buffers=config.extra_buffers)
 
-    results = {"model": str(model), "backend": m.kind, "adapters": [str(a) for a in adapters],
+    try:
+        return _run_loaded(config, out_dir, m, texts, prompts, judge_cfg, on_metrics)
+    finally:
+        m.close()
+
+
+def _run_loaded(config: Config, out_dir: Path, m, texts: dict, prompts: list, judge_cfg,
+                on_metrics) -> dict:
+    results = {"model": str(m.path), "backend": m.kind, "adapters": [str(a) for a in m.adapters],
                "protocol": config.protocol, "n_ctx": config.n_ctx, "sets": {}}
     metrics: dict = {}
     # tokenize and cut every set first, so a set too short for n_ctx fails before any scoring

@@ -190,7 +190,7 @@ class GGUFModel:
     kind = "gguf"
 
     def __init__(self, path: Path, *, n_ctx: int = 512, n_threads: int | None = None,
-                 device: str | None = None, extra_buffers: bool = False):
+                 device: str | None = None, extra_buffers: bool = False, flash_attn: bool = False):
         try:
             from llama_cpp import Llama
         except ImportError as e:
@@ -204,7 +204,7 @@ class GGUFModel:
                              n_threads=n_threads or os.cpu_count(),
                              n_threads_batch=n_threads or os.cpu_count(),
                              n_gpu_layers=-1 if (device or "").startswith("cuda") else 0,
-                             verbose=False)
+                             flash_attn=flash_attn, verbose=False)
         self.bos_id = self.llm.token_bos()
         self.adapters: list[Path] = []
 
@@ -252,7 +252,7 @@ def _nll_from_logits(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
 
 def load(model: Path | str, adapters: Sequence[Path] = (), *, n_ctx: int = 512,
          n_threads: int | None = None, device: str | None = None, dtype: str = "float32",
-         extra_buffers: bool = False):
+         extra_buffers: bool = False, flash_attn: bool = False):
     """Open `model`: a .gguf file or a dir holding exactly one (llama.cpp), else an HF dir."""
     model = Path(model)
     if not model.exists():
@@ -263,7 +263,7 @@ def load(model: Path | str, adapters: Sequence[Path] = (), *, n_ctx: int = 512,
             raise ValueError(f"{gguf}: adapters apply to HF models only; merge them first "
                              "(merge stage) and export the merged model")
         return GGUFModel(gguf, n_ctx=n_ctx, n_threads=n_threads, device=device,
-                         extra_buffers=extra_buffers)
+                         extra_buffers=extra_buffers, flash_attn=flash_attn)
     return HFModel(model, adapters, device=device, dtype=dtype)
 
 
@@ -588,6 +588,7 @@ class Config(BaseModel):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # HF compute dtype
     n_threads: int | None = None            # llama.cpp threads (None = all cores)
     extra_buffers: bool = False             # llama.cpp AMX/repacked-weight CPU buffers (see _model_params)
+    flash_attn: bool = False                # llama.cpp flash attention (llama-perplexity: -fa)
     device: str | None = None               # None = cuda when available, else cpu
     prompts: str | None = None              # JSON list of {instruction, input}; None = no generations
     template: str = ALPACA_TEMPLATE
@@ -620,7 +621,7 @@ def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = N
     # a GGUF context also has to hold prompt + answer; each perplexity chunk still starts afresh
     m = load(model, adapters, n_ctx=max(config.n_ctx, 512 if prompts else 0),
              n_threads=config.n_threads, device=config.device, dtype=config.dtype,
-             extra_buffers=config.extra_buffers)
+             extra_buffers=config.extra_buffers, flash_attn=config.flash_attn)
 
     try:
         return _run_loaded(config, out_dir, m, texts, prompts, judge_cfg, on_metrics)

@@ -583,7 +583,7 @@ def run_training(stage: str, cfg: TrainConfig, out_dir: Path, *, model_dir: Path
     out_dir = Path(out_dir)
     dist = Dist(cfg.launcher.backend)
     try:
-        torch.manual_seed(cfg.seed + dist.rank)
+        torch.manual_seed(cfg.seed)          # same [PAD] row init (SFT resize) on every rank
         random.seed(cfg.seed + dist.rank)
         precision = resolve_precision(cfg.precision, dist.device)
         model, tokenizer = load_base(model_dir, adapters, precision=precision,

@@ -22,7 +22,8 @@ Comparable across vocabularies
 ------------------------------
 Per-token perplexity does not compare across the stages' tokenizers (32000 vs 49953 pieces), so
 each result also normalises the same summed NLL by the text the scored tokens stand for:
-  * a token's bytes = its UTF-8 surface form as llama.cpp's `token_to_piece` gives it:
+  * a token's bytes = its UTF-8 surface form as llama.cpp's `token_to_piece` gives it (for
+    SentencePiece vocabularies such as LLaMA's; the HF side maps pieces the same way):
     "▁" counts as one space byte, a byte-fallback piece <0xNN> is that one byte, control tokens
     (BOS/EOS/pad) are empty;
   * n_bytes = sum of the bytes of the scored (target) tokens;
@@ -603,6 +604,8 @@ class Config(BaseModel):
 
 
 DATA_FIELDS = ("eval_sets.*.path", "prompts")
+# knobs that change speed, not results (batching moves float sums by ~1e-7), kept out of the key
+CACHE_EXCLUDE = ("n_threads", "device", "batch_size")
 
 
 def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = None,

@@ -242,6 +242,15 @@ def test_gguf_protocol_equals_independent_llama_cpp_loop(gguf_f32):
     assert r["ppl_err"] == pytest.approx(ppl * math.sqrt((nll2 - nll * nll) / (count - 1)), rel=1e-4)
 
 
+def test_gguf_flash_attention_is_a_close_variant(gguf_f32):
+    kw = dict(text=CORPUS.read_text(encoding="utf-8"), n_ctx=N_CTX, max_tokens=6 * N_CTX,
+              progress=False)
+    plain = ev.perplexity(ev.load(gguf_f32, n_ctx=N_CTX, n_threads=1), **kw)
+    fa = ev.perplexity(ev.load(gguf_f32, n_ctx=N_CTX, n_threads=1, flash_attn=True), **kw)
+    assert fa["n_scored"] == plain["n_scored"]
+    assert fa["ppl"] != plain["ppl"] and abs(fa["ppl"] / plain["ppl"] - 1) < 1e-3
+
+
 def test_gguf_dir_and_errors(gguf_f32, tmp_path):
     d = tmp_path / "one"
     d.mkdir()

@@ -371,8 +371,6 @@ def perplexity(model, text_path: Path | None = None, *, n_ctx: int = 512,
 
     max_tokens caps the tokens fed to the model (llama.cpp: whole chunks, floor(max_tokens/n_ctx);
     strided: the first max_tokens tokens)."""
-    from tqdm.auto import tqdm
-
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol={protocol!r}; choose one of {PROTOCOLS}")
     if n_ctx < 4 or n_ctx % 2:
@@ -381,8 +379,21 @@ def perplexity(model, text_path: Path | None = None, *, n_ctx: int = 512,
         if text_path is None:
             raise ValueError("give text_path, text or token_ids")
         text = read_text(text_path, kind)
-    m = model if isinstance(model, (HFModel, GGUFModel)) else load(
-        model, adapters, n_ctx=n_ctx, n_threads=n_threads, device=device)
+    if isinstance(model, (HFModel, GGUFModel)):
+        return _perplexity(model, text, n_ctx, protocol, stride, max_tokens, token_ids,
+                           batch_size, progress)
+    m = load(model, adapters, n_ctx=n_ctx, n_threads=n_threads, device=device)
+    try:
+        return _perplexity(m, text, n_ctx, protocol, stride, max_tokens, token_ids, batch_size,
+                           progress)
+    finally:
+        m.close()
+
+
+def _perplexity(m, text, n_ctx, protocol, stride, max_tokens, token_ids, batch_size,
+                progress) -> dict:
+    from tqdm.auto import tqdm
+
     ids = list(token_ids) if token_ids is not None else m.tokenize(text)
     windows = windows_for(ids, n_ctx=n_ctx, protocol=protocol, stride=stride, bos_id=m.bos_id,
                           max_tokens=max_tokens)
@@ -458,8 +469,15 @@ def generate(model, prompts: Sequence[dict | str], *, template: str = ALPACA_TEM
     their logits agree). greedy=False: sampling with the recipe's inference defaults
     (scripts/inference/inference_hf.py: temperature 0.2, top_k 40, top_p 0.9, repetition
     penalty 1.1), seeded."""
-    m = model if isinstance(model, (HFModel, GGUFModel)) else load(
-        model, adapters, n_ctx=n_ctx, n_threads=n_threads, device=device)
+    if not isinstance(model, (HFModel, GGUFModel)):
+        m = load(model, adapters, n_ctx=n_ctx, n_threads=n_threads, device=device)
+        try:
+            return generate(m, prompts, template=template, max_new_tokens=max_new_tokens,
+                            greedy=greedy, temperature=temperature, top_p=top_p, top_k=top_k,
+                            repetition_penalty=repetition_penalty, seed=seed)
+        finally:
+            m.close()
+    m = model
     records = [{"instruction": p, "input": ""} if isinstance(p, str) else p for p in prompts]
     out = []
     for i, rec in enumerate(records):

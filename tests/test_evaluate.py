@@ -286,8 +286,14 @@ def test_generate_greedy_follows_argmax_and_template(hf):
     assert s1[0]["mode"] == "sampled"
 
 
-def test_generate_gguf(gguf_f32):
+def test_generate_gguf(gguf_f32, hf):
     g = ev.load(gguf_f32, n_ctx=256, n_threads=1)
+    # same weights, same prompt ids -> the same greedy continuation in both runtimes (a template
+    # without the trailing space: this tiny tokenizer's HF normalizer strips it, llama.cpp's not)
+    kw = dict(template="{instruction}", max_new_tokens=8)
+    prompt = ["The fisherman repaired his net on the beach while"]
+    assert g.tokenize(prompt[0]) == hf.tokenize(prompt[0])
+    assert ev.generate(g, prompt, **kw)[0]["output_ids"] == ev.generate(hf, prompt, **kw)[0]["output_ids"]
     out = ev.generate(g, ["What is a checksum?"], max_new_tokens=5)
     prompt_ids = g.tokenize(out[0]["prompt"])
     g.llm.reset()

@@ -196,14 +196,18 @@ def _run_stage(run: LifecycleRun, name: str, label: str, group: str, extra: dict
         monitor = run.tracker.system_metrics(run_id) if group in GPU_STAGES else None
         kwargs = dict(_paths(inputs))
         params = inspect.signature(module.run).parameters
-        if "work_dir" in params:  # resumable stages keep checkpoints across attempts of one key
-            kwargs["work_dir"] = run.workdir / "scratch" / name / key[:16]
+        if "resume_dir" in params:  # checkpoints survive a crash: the rerun of this key resumes
+            kwargs["resume_dir"] = run.workdir / "scratch" / name / key[:16]
+        if "data_cache_dir" in params:  # tokenized datasets, keyed by the step on data+tokenizer
+            kwargs["data_cache_dir"] = run.workdir / "data_cache"
         try:
             metrics = module.run(config, tmp, on_metrics=lambda m, step: run.tracker.log_metrics(
                 run_id, m, step), **kwargs) or {}
             artifact = run.store.commit(tmp, name, key, version=module.VERSION, config=key_cfg,
                                         inputs={"artifacts": input_digests, "data": data},
                                         metrics=metrics, extra={"label": label})
+            if "resume_dir" in kwargs:  # finished: its checkpoints are no longer needed
+                shutil.rmtree(kwargs["resume_dir"], ignore_errors=True)
         except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
             run.tracker.set_tags(run_id, {"llamaflow.error": redact(

@@ -1,0 +1,218 @@
+"""convert: Meta `consolidated.NN.pth` → Hugging Face LlamaForCausalLM, numerically exact.
+
+transformers 5 no longer ships convert_llama_weights_to_hf.py; the old script also loaded every
+shard fully, wrote the model twice and needed ~2x the model in RAM (pain point P4). This one maps
+the shards (torch.load(mmap=True, weights_only=True): they are untrusted pickles) and streams:
+for each output tensor it concatenates the model-parallel pieces along the right dim, permutes
+q/k into HF's rotary order, casts, and appends the bytes to a pre-planned safetensors shard.
+The shards are re-mapped per layer so that pages already read leave the process (peak memory is
+about one layer, not the checkpoint).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Literal
+
+import pydantic
+
+from steps.meta import MetaFormatError, MetaParams, meta_to_hf_name, permute, shard_dim
+from steps.safetensors_io import StreamingSafetensorsWriter, parse_size
+
+log = logging.getLogger(__name__)
+
+VERSION = "1"
+DATA_FIELDS: tuple[str, ...] = ()
+DTYPES = ("bfloat16", "float16", "float32")
+
+
+class Config(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"   # output weight dtype
+    max_shard_size: str = "2GB"       # HF output shard size
+    context_length: int | None = None  # max_position_embeddings; null: 2048
+
+
+def _shard_files(meta_dir: Path) -> list[Path]:
+    files = sorted(meta_dir.glob("consolidated.*.pth"))
+    if not files:
+        raise MetaFormatError(f"{meta_dir}: no consolidated.NN.pth files (is this the model "
+                              "folder, e.g. llama/7B, that holds params.json?)")
+    idx = [int(re.search(r"consolidated\.(\d+)\.pth$", f.name).group(1)) for f in files]
+    if idx != list(range(len(files))):
+        missing = sorted(set(range(max(idx) + 1)) - set(idx))
+        raise MetaFormatError(f"{meta_dir}: model-parallel shards {[f'consolidated.{i:02d}.pth' for i in missing]} "
+                              "are missing; download them again")
+    return files
+
+
+def _load(files: list[Path]) -> list[dict]:
+    import torch
+
+    return [torch.load(f, map_location="cpu", mmap=True, weights_only=True) for f in files]
+
+
+def _full_shape(name: str, parts: list) -> tuple[int, ...]:
+    dim = shard_dim(name)
+    shape = list(parts[0].shape)
+    if dim is not None:
+        shape[dim] = sum(p.shape[dim] for p in parts)
+    return tuple(shape)
+
+
+def _hf_order(p: MetaParams) -> list[str]:
+    """Meta names in the order HF's state dict lists them."""
+    per = ["attention.wq.weight", "attention.wk.weight", "attention.wv.weight",
+           "attention.wo.weight", "feed_forward.w1.weight", "feed_forward.w3.weight",
+           "feed_forward.w2.weight", "attention_norm.weight", "ffn_norm.weight"]
+    names = ["tok_embeddings.weight"]
+    for i in range(p.n_layers):
+        names += [f"layers.{i}.{k}" for k in per]
+    return names + ["norm.weight", "output.weight"]
+
+
+def plan(meta_dir: Path) -> tuple[MetaParams, list[Path], int, dict[str, tuple[int, ...]]]:
+    """Validate the checkpoint (params, files, every tensor's presence and shape) without reading
+    any weights; returns params, shard files, vocab rows and the full shapes."""
+    import sentencepiece as spm
+
+    meta_dir = Path(meta_dir)
+    params = MetaParams.from_file(meta_dir / "params.json")
+    files = _shard_files(meta_dir)
+    tok = meta_dir / "tokenizer.model"
+    if not tok.is_file():
+        raise MetaFormatError(f"{tok} not found: Meta ships tokenizer.model beside the model "
+                              "folder; the download stage puts it into the same folder")
+    sp = spm.SentencePieceProcessor(model_file=str(tok))
+    if (sp.unk_id(), sp.bos_id(), sp.eos_id()) != (0, 1, 2):
+        # P13: early third-party conversions with bos/eos 0 never stopped generating.
+        raise MetaFormatError(f"{tok}: unk/bos/eos ids are {sp.unk_id()}/{sp.bos_id()}/"
+                              f"{sp.eos_id()}, LLaMA's are 0/1/2")
+    shards = _load(files)
+    try:
+        names = set(shards[0])
+        for f, sd in zip(files, shards):
+            if set(sd) - {k for k in sd if k.endswith("rope.freqs")} != names - {
+                    k for k in names if k.endswith("rope.freqs")}:
+                raise MetaFormatError(f"{f}: holds other tensors than {files[0].name}")
+        embed = _full_shape("tok_embeddings.weight", [sd["tok_embeddings.weight"] for sd in shards]) \
+            if "tok_embeddings.weight" in names else None
+        if embed is None:
+            raise MetaFormatError(f"{files[0]}: no tok_embeddings.weight; not a LLaMA checkpoint")
+        vocab = embed[0]
+        if params.vocab_size > 0 and params.vocab_size != vocab:
+            raise MetaFormatError(f"{meta_dir / 'params.json'}: vocab_size {params.vocab_size} but "
+                                  f"tok_embeddings has {vocab} rows")
+        if params.vocab_size <= 0 and sp.get_piece_size() > vocab:
+            raise MetaFormatError(f"{tok} has {sp.get_piece_size()} pieces but the embedding only "
+                                  f"{vocab} rows: this is not the tokenizer of this checkpoint (P9)")
+        expected = params.shapes(vocab)
+        for name, shape in expected.items():
+            if name not in names:
+                raise MetaFormatError(f"{files[0]}: tensor {name} missing (params.json says "
+                                      f"{params.n_layers} layers)")
+            got = _full_shape(name, [sd[name] for sd in shards])
+            if got != shape:
+                raise MetaFormatError(
+                    f"{meta_dir}: {name} has shape {got} across {len(files)} shard(s), params.json "
+                    f"implies {shape} (dim {params.dim}, heads {params.n_heads}/{params.kv_heads}, "
+                    f"ffn {params.ffn_dim})")
+        extra = names - set(expected) - {k for k in names if k.endswith("rope.freqs")}
+        if extra:
+            raise MetaFormatError(f"{files[0]}: unexpected tensors {sorted(extra)[:5]}")
+    finally:
+        del shards
+    return params, files, vocab, expected
+
+
+def _hf_config(params: MetaParams, vocab: int, dtype: str, context_length: int | None) -> dict:
+    from transformers import LlamaConfig
+
+    # params.json does not store the context (LLaMA-1 2048, Llama-2 4096); conf/model/ does and
+    # conf/convert passes it. Without it, 2048 as transformers' own converter defaults to.
+    context_length = context_length or 2048
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=params.dim, intermediate_size=params.ffn_dim,
+                      num_hidden_layers=params.n_layers, num_attention_heads=params.n_heads,
+                      num_key_value_heads=params.kv_heads, rms_norm_eps=params.norm_eps,
+                      max_position_embeddings=context_length, rope_theta=params.rope_theta,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=None, tie_word_embeddings=False,
+                      hidden_act="silu", architectures=["LlamaForCausalLM"])
+    d = cfg.to_dict()
+    d["dtype"] = dtype
+    return d
+
+
+def convert_meta_to_hf(meta_dir: Path, out_dir: Path, dtype: str = "bfloat16",
+                       max_shard_size: str | int = "2GB", context_length: int | None = None) -> Path:
+    """Convert a Meta checkpoint folder (params.json, consolidated.NN.pth, tokenizer.model) into
+    an HF model folder: safetensors shards (+ index), config.json, generation_config.json,
+    tokenizer.model and HF tokenizer files."""
+    import torch
+    from transformers import GenerationConfig
+
+    from steps.tokenizer import save_hf_tokenizer
+
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: choose one of {DTYPES}")
+    meta_dir, out_dir = Path(meta_dir), Path(out_dir)
+    params, files, vocab, shapes = plan(meta_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    order = _hf_order(params)
+    writer = StreamingSafetensorsWriter(
+        out_dir, [(meta_to_hf_name(n), shapes[n], dtype) for n in order], parse_size(max_shard_size))
+    target = getattr(torch, dtype)
+    groups: list[list[str]] = [[order[0]]] + [order[1 + 9 * i: 1 + 9 * (i + 1)]
+                                             for i in range(params.n_layers)] + [order[-2:]]
+    for group in groups:
+        shards = _load(files)  # re-mapped per layer: pages read for the last layer are released
+        for name in group:
+            parts = [sd[name] for sd in shards]
+            dim = shard_dim(name)
+            t = parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim=dim)
+            if name.endswith("attention.wq.weight"):
+                t = permute(t, params.n_heads)
+            elif name.endswith("attention.wk.weight"):
+                t = permute(t, params.kv_heads)
+            writer.write(meta_to_hf_name(name), t.to(target))
+            del t, parts
+        del shards
+    writer.close()
+    (out_dir / "config.json").write_text(json.dumps(
+        _hf_config(params, vocab, dtype, context_length), indent=2, sort_keys=True))
+    GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(out_dir)
+    save_hf_tokenizer(meta_dir / "tokenizer.model", out_dir)
+    return out_dir
+
+
+def run(config: Config, out_dir: Path, *, on_metrics=None, meta: Path) -> dict:
+    from steps.checks import check_model
+
+    t0 = time.time()
+    convert_meta_to_hf(meta, out_dir, dtype=config.dtype, max_shard_size=config.max_shard_size,
+                       context_length=config.context_length)
+    v = check_model(out_dir)
+    seconds = time.time() - t0
+    size = sum(f.stat().st_size for f in Path(out_dir).glob("*.safetensors"))
+    cfg = json.loads((Path(out_dir) / "config.json").read_text())
+    return {"seconds": seconds, "bytes": size, "MB_per_s": size / 1e6 / max(seconds, 1e-9),
+            "vocab_size": v.embed_rows, "n_layers": cfg["num_hidden_layers"],
+            "hidden_size": cfg["hidden_size"], "n_shards_in": len(list(Path(meta).glob("consolidated.*.pth"))),
+            "n_params": _n_params(out_dir)}
+
+
+def _n_params(model_dir: Path) -> int:
+    from safetensors import safe_open
+
+    n = 0
+    for f in Path(model_dir).glob("*.safetensors"):
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                shape = st.get_slice(k).get_shape()
+                c = 1
+                for s in shape:
+                    c *= s
+                n += c
+    return n

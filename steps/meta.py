@@ -1,0 +1,263 @@
+"""Meta's original LLaMA checkpoint layout: params.json, model-parallel shards, rotary order.
+
+Used by convert (Meta → HF), merge (HF → Meta output), download (shard lists), the demo and the
+benchmarks. Facts from meta-llama/llama model.py and fairscale's parallel layers (recipe §1.2):
+wq, wk, wv, w1, w3 and output are column-parallel (sharded on dim 0), wo and w2 row-parallel
+(dim 1), tok_embeddings is sharded on the embedding dim (1), norms are replicated.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+# Meta tensor name (without layers.N.) → model-parallel concat dim; None = replicated.
+SHARD_DIM = {"tok_embeddings.weight": 1, "output.weight": 0, "norm.weight": None,
+             "attention.wq.weight": 0, "attention.wk.weight": 0, "attention.wv.weight": 0,
+             "attention.wo.weight": 1, "feed_forward.w1.weight": 0, "feed_forward.w2.weight": 1,
+             "feed_forward.w3.weight": 0, "attention_norm.weight": None, "ffn_norm.weight": None}
+
+# Meta name → HF LlamaForCausalLM name.
+_LAYER_MAP = {"attention.wq.weight": "self_attn.q_proj.weight",
+              "attention.wk.weight": "self_attn.k_proj.weight",
+              "attention.wv.weight": "self_attn.v_proj.weight",
+              "attention.wo.weight": "self_attn.o_proj.weight",
+              "feed_forward.w1.weight": "mlp.gate_proj.weight",
+              "feed_forward.w2.weight": "mlp.down_proj.weight",
+              "feed_forward.w3.weight": "mlp.up_proj.weight",
+              "attention_norm.weight": "input_layernorm.weight",
+              "ffn_norm.weight": "post_attention_layernorm.weight"}
+_TOP_MAP = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+            "output.weight": "lm_head.weight"}
+_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
+_HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_INV_LAYER_MAP = {v: k for k, v in _LAYER_MAP.items()}
+_INV_TOP_MAP = {v: k for k, v in _TOP_MAP.items()}
+
+
+class MetaFormatError(ValueError):
+    """A Meta checkpoint that is not what params.json / the layout says."""
+
+
+def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None = None) -> int:
+    """meta-llama FeedForward: int(2·4·dim/3), times the multiplier, rounded up to multiple_of."""
+    hidden = int(2 * (4 * dim) / 3)
+    if ffn_dim_multiplier is not None:
+        hidden = int(ffn_dim_multiplier * hidden)
+    return multiple_of * ((hidden + multiple_of - 1) // multiple_of)
+
+
+@dataclass(frozen=True)
+class MetaParams:
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int | None = None
+    vocab_size: int = -1
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+
+    REQUIRED = ("dim", "n_layers", "n_heads")
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "params.json") -> "MetaParams":
+        missing = [k for k in cls.REQUIRED if k not in d]
+        if missing:
+            raise MetaFormatError(f"{source}: missing {missing}; a Meta params.json has dim, "
+                                  "n_layers, n_heads, norm_eps, multiple_of, vocab_size")
+        known = {f for f in cls.__dataclass_fields__}
+        p = cls(**{k: v for k, v in d.items() if k in known})
+        if p.dim % p.n_heads:
+            raise MetaFormatError(f"{source}: dim {p.dim} is not divisible by n_heads {p.n_heads}")
+        if p.n_heads % p.kv_heads:
+            raise MetaFormatError(f"{source}: n_heads {p.n_heads} not divisible by n_kv_heads "
+                                  f"{p.kv_heads}")
+        return p
+
+    @classmethod
+    def from_file(cls, path: Path) -> "MetaParams":
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise MetaFormatError(f"{path} not found: a Meta checkpoint folder has params.json") from None
+        except json.JSONDecodeError as e:
+            raise MetaFormatError(f"{path} is not JSON ({e}); was an error page saved in its "
+                                  "place? Download it again") from None
+        return cls.from_dict(d, str(path))
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_dim(self) -> int:
+        return ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
+
+    def to_json(self) -> dict:
+        """params.json as Meta writes it (optional keys only when set)."""
+        d = {k: v for k, v in asdict(self).items() if v is not None}
+        if d.get("rope_theta") == 10000.0:
+            d.pop("rope_theta")
+        return d
+
+    def shapes(self, vocab: int) -> dict[str, tuple[int, ...]]:
+        """Full (unsharded) shape of every tensor, Meta names."""
+        kv, f = self.kv_heads * self.head_dim, self.ffn_dim
+        out = {"tok_embeddings.weight": (vocab, self.dim), "norm.weight": (self.dim,),
+               "output.weight": (vocab, self.dim)}
+        per = {"attention.wq.weight": (self.dim, self.dim), "attention.wk.weight": (kv, self.dim),
+               "attention.wv.weight": (kv, self.dim), "attention.wo.weight": (self.dim, self.dim),
+               "feed_forward.w1.weight": (f, self.dim), "feed_forward.w2.weight": (self.dim, f),
+               "feed_forward.w3.weight": (f, self.dim), "attention_norm.weight": (self.dim,),
+               "ffn_norm.weight": (self.dim,)}
+        for i in range(self.n_layers):
+            out |= {f"layers.{i}.{k}": v for k, v in per.items()}
+        return out
+
+
+def shard_dim(meta_name: str) -> int | None:
+    m = _LAYER_RE.match(meta_name)
+    key = m.group(2) if m else meta_name
+    if key not in SHARD_DIM:
+        raise MetaFormatError(f"unknown Meta tensor {meta_name!r}")
+    return SHARD_DIM[key]
+
+
+def permute(w, n_heads: int):
+    """Meta's interleaved rotary pairs → HF's half-split order (rows of q or k)."""
+    d1, d2 = w.shape
+    return w.view(n_heads, d1 // n_heads // 2, 2, d2).transpose(1, 2).reshape(d1, d2)
+
+
+def unpermute(w, n_heads: int):
+    """HF's half-split rotary order → Meta's interleaved pairs (inverse of `permute`)."""
+    d1, d2 = w.shape
+    return w.view(n_heads, 2, d1 // n_heads // 2, d2).transpose(1, 2).reshape(d1, d2)
+
+
+def meta_to_hf_name(name: str) -> str:
+    m = _LAYER_RE.match(name)
+    if m and m.group(2) in _LAYER_MAP:
+        return f"model.layers.{m.group(1)}.{_LAYER_MAP[m.group(2)]}"
+    if name in _TOP_MAP:
+        return _TOP_MAP[name]
+    raise MetaFormatError(f"unknown Meta tensor {name!r}")
+
+
+def hf_to_meta_name(name: str) -> str:
+    m = _HF_LAYER_RE.match(name)
+    if m and m.group(2) in _INV_LAYER_MAP:
+        return f"layers.{m.group(1)}.{_INV_LAYER_MAP[m.group(2)]}"
+    if name in _INV_TOP_MAP:
+        return _INV_TOP_MAP[name]
+    raise MetaFormatError(f"no Meta equivalent for HF tensor {name!r}")
+
+
+def hf_to_meta(state_dict: dict, params: dict | MetaParams) -> dict:
+    """HF LlamaForCausalLM tensors → Meta names, q/k rows back in interleaved rotary order
+    (rotary_emb.inv_freq and other non-weights dropped)."""
+    p = params if isinstance(params, MetaParams) else MetaParams.from_dict(params)
+    out = {}
+    for name, t in state_dict.items():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue
+        meta = hf_to_meta_name(name)
+        if meta.endswith("attention.wq.weight"):
+            t = unpermute(t, p.n_heads)
+        elif meta.endswith("attention.wk.weight"):
+            t = unpermute(t, p.kv_heads)
+        out[meta] = t
+    return out
+
+
+def md5_file(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(8 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_checklist(folder: Path, names: list[str], out_name: str = "checklist.chk") -> Path:
+    """md5sum text format: `<md5>  <name>` per line (what download.sh checks with md5sum -c)."""
+    lines = [f"{md5_file(folder / n)}  {n}" for n in names]
+    (folder / out_name).write_text("\n".join(lines) + "\n")
+    return folder / out_name
+
+
+def read_checklist(path: Path) -> dict[str, str]:
+    out = {}
+    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        m = re.fullmatch(r"([0-9a-fA-F]{32}) [ *](.+)", line.strip())
+        if not m:
+            raise MetaFormatError(f"{path}:{i}: not an md5sum line ({line[:60]!r})")
+        out[m.group(2)] = m.group(1).lower()
+    return out
+
+
+def save_meta_checkpoint(meta_state: dict, params: dict | MetaParams, out_dir: Path,
+                         n_shards: int = 1, tokenizer_model: Path | None = None) -> Path:
+    """Write consolidated.NN.pth (one per model-parallel rank), params.json and checklist.chk.
+
+    Sharded tensors are split with torch.tensor_split, so a dimension that does not divide
+    (e.g. 13B's 49953-row output across 2 ranks) gives uneven parts, which convert concatenates
+    back by their actual sizes (pain point P8)."""
+    import torch
+
+    p = params if isinstance(params, MetaParams) else MetaParams.from_dict(params)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ranks: list[dict] = [{} for _ in range(n_shards)]
+    for name, t in meta_state.items():
+        if n_shards == 1:
+            shard_dim(name)  # validates the name
+            ranks[0][name] = t
+            continue
+        dim = shard_dim(name)
+        parts = [t] * n_shards if dim is None else torch.tensor_split(t, n_shards, dim=dim)
+        for r, part in enumerate(parts):
+            ranks[r][name] = part.clone()  # own storage: saving a view would write the whole tensor
+    names = []
+    for r, sd in enumerate(ranks):
+        name = f"consolidated.{r:02d}.pth"
+        torch.save(sd, out_dir / name)
+        names.append(name)
+    (out_dir / "params.json").write_text(json.dumps(p.to_json()))
+    write_checklist(out_dir, names + ["params.json"])
+    if tokenizer_model is not None:
+        shutil.copyfile(tokenizer_model, out_dir / "tokenizer.model")
+        write_checklist(out_dir, ["tokenizer.model"], "tokenizer_checklist.chk")
+    return out_dir
+
+
+def synthesize_checkpoint(out_dir: Path, params: dict, tokenizer_model: Path, n_shards: int = 1,
+                          seed: int = 0, dtype=None, std: float = 0.02) -> Path:
+    """A random Meta checkpoint in the real layout (norms = 1, weights N(0, std)), for the demo,
+    tests and benchmarks. vocab_size -1 takes the tokenizer's piece count, as Meta's code does."""
+    import sentencepiece as spm
+    import torch
+
+    dtype = dtype or torch.bfloat16
+    p = MetaParams.from_dict(params)
+    vocab = p.vocab_size if p.vocab_size > 0 else \
+        spm.SentencePieceProcessor(model_file=str(tokenizer_model)).get_piece_size()
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, shape in p.shapes(vocab).items():
+        if len(shape) == 1:
+            state[name] = torch.ones(shape, dtype=dtype)
+        else:
+            state[name] = (torch.randn(shape, generator=g) * std).to(dtype)
+    return save_meta_checkpoint(state, p, out_dir, n_shards, tokenizer_model)

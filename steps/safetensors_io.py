@@ -1,0 +1,100 @@
+"""Streaming safetensors writing, shared by convert, vocab and merge.
+
+safetensors.torch.save_file needs a whole shard in memory. When every tensor's name, shape and
+dtype is known up front, the header can be written first and each tensor's bytes appended as it
+is produced, so peak memory is one tensor. The files are plain safetensors (8-byte little-endian
+header length, JSON header with data_offsets, padded to 8 bytes, then the raw buffer).
+"""
+from __future__ import annotations
+
+import json
+import math
+import struct
+from pathlib import Path
+
+ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+             "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+             "BOOL": "bool"}
+TORCH_TO_ST = {v: k for k, v in ST_DTYPES.items()}
+ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4,
+            "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
+
+Spec = tuple[str, tuple[int, ...], str]   # (name, shape, torch dtype name e.g. "bfloat16")
+
+
+def parse_size(size: str | int) -> int:
+    """"2GB" / "500MB" / "10KB" / bytes → bytes (decimal units, as transformers reads them)."""
+    if isinstance(size, int):
+        return size
+    s = size.strip().upper()
+    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9),
+                       ("MB", 10**6), ("KB", 10**3), ("B", 1)):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mult)
+    return int(s)
+
+
+class StreamingSafetensorsWriter:
+    """Writes tensors, in the planned order, into pre-planned shards of at most max_shard_bytes
+    (`model.safetensors`, or `model-0000k-of-0000n.safetensors` + index as transformers names
+    them)."""
+
+    def __init__(self, out_dir: Path, specs: list[Spec], max_shard_bytes: int):
+        self.out_dir = Path(out_dir)
+        shards: list[list[Spec]] = [[]]
+        size = 0
+        for spec in specs:
+            n = math.prod(spec[1]) * ITEMSIZE[spec[2]]
+            if shards[-1] and size + n > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(spec)
+            size += n
+        total = len(shards)
+        self.files = ["model.safetensors"] if total == 1 else [
+            f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
+        self.shards = shards
+        self.total_size = sum(math.prod(s[1]) * ITEMSIZE[s[2]] for s in specs)
+        self._queue = [(i, spec) for i, shard in enumerate(shards) for spec in shard]
+        self._pos = 0
+        self._fh = None
+        self._shard = -1
+
+    def _open(self, i: int) -> None:
+        if self._fh:
+            self._fh.close()
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for name, shape, dtype in self.shards[i]:
+            n = math.prod(shape) * ITEMSIZE[dtype]
+            header[name] = {"dtype": TORCH_TO_ST[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._fh = open(self.out_dir / self.files[i], "wb")
+        self._fh.write(struct.pack("<Q", len(raw)) + raw)
+        self._shard = i
+
+    def write(self, name: str, tensor) -> None:
+        import torch
+
+        shard, (want, shape, dtype) = self._queue[self._pos]
+        if name != want or tuple(tensor.shape) != tuple(shape) or str(tensor.dtype) != f"torch.{dtype}":
+            raise RuntimeError(f"writer expected {want} {shape} {dtype}, got {name} "
+                               f"{tuple(tensor.shape)} {tensor.dtype} (plan and producer disagree)")
+        if shard != self._shard:
+            self._open(shard)
+        self._fh.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
+        self._pos += 1
+
+    def close(self) -> list[Path]:
+        if self._pos != len(self._queue):
+            raise RuntimeError(f"writer closed after {self._pos} of {len(self._queue)} tensors")
+        if self._fh:
+            self._fh.close()
+        if len(self.files) > 1:
+            weight_map = {name: self.files[i] for i, shard in enumerate(self.shards)
+                          for name, _, _ in shard}
+            (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(
+                {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}, indent=2))
+        return [self.out_dir / f for f in self.files]

@@ -6,3 +6,8 @@ import os
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "steps")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import logging as _logging
+
+# llama.cpp prints every model-loader line to stderr unless its Python logger has a level set.
+_logging.getLogger("llama-cpp-python").setLevel(_logging.WARNING)

@@ -43,7 +43,7 @@ def lifecycle_steps(run: LifecycleRun) -> None:
               training={"pretrain": pt, "sft": sft}, quantized=ggufs)
 
 
-@flow(name="lifecycle", log_prints=True)
+@flow(name="lifecycle")
 def lifecycle(overrides: list[str] | None = None, from_stage: str | None = None) -> dict:
     """Compose the config from conf/ + `overrides` (Hydra syntax, e.g. ["recipe=demo",
     "pretrain.lora.r=16", "stages=[quantize,evaluate]", "force=[sft]"]) and run the lifecycle.

@@ -34,6 +34,11 @@ def redact(value):
     return value
 
 
+def metric_name(key: str) -> str:
+    """MLflow allows alphanumerics, _ - . space : / in metric names ("base-zh+pt" → "base-zh_pt")."""
+    return re.sub(r"[^\w\-. :/]", "_", key)
+
+
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     out = {}
     for k, v in d.items():
@@ -88,7 +93,7 @@ class Tracker:
 
     def log_metrics(self, run_id: str, metrics: dict, step: int = 0) -> None:
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()
+        items = [Metric(metric_name(k), float(v), now, step) for k, v in metrics.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
         for i in range(0, len(items), 1000):
             self.client.log_batch(run_id, metrics=items[i:i + 1000])

@@ -62,3 +62,14 @@ def prefect_harness(tmp_path_factory):
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def demo_servers(tmp_path_factory):
+    """Postgres + `prefect server` + `mlflow server` on 127.0.0.1 and one `llamaflow demo` run
+    against them (tests/servers.py), shared by test_servers.py and test_browser.py; every server
+    is stopped by PID at the end of the session."""
+    from tests.servers import demo_on_servers
+
+    with demo_on_servers(tmp_path_factory.mktemp("servers")) as state:
+        yield state

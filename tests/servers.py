@@ -211,7 +211,9 @@ class PrefectServer(Server):
         home.mkdir(parents=True, exist_ok=True)
         port = free_port()
         env = {"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-               "PREFECT_API_URL": "", "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false"}
+               "PREFECT_API_URL": "", "PREFECT_SERVER_UI_SHOW_PROMOTIONAL_CONTENT": "false",
+               # the browser UI calls this API; its default is port 4200, not ours
+               "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
         if database_url:
             env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] = database_url
         t0 = time.monotonic()

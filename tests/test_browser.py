@@ -1,0 +1,107 @@
+"""A real browser on the real UIs: headless Chromium (Debian's `chromium`, driven by Playwright's
+Python package) opens the MLflow UI and the Prefect UI of the demo run served on 127.0.0.1
+(tests/conftest.py: demo_servers), checks that the parent run with its nested stage runs and the
+flow run with its task runs are shown, and saves screenshots to docs/img/ (used by the README):
+
+    docs/img/mlflow-nested-runs.png    MLflow: the lifecycle parent run, its stage runs nested
+    docs/img/prefect-flow-run.png      Prefect: the lifecycle flow run with its task runs
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+IMG = REPO / "docs" / "img"
+CHROMIUM = os.environ.get("LLAMAFLOW_CHROMIUM", "/usr/bin/chromium")
+LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+pytestmark = [pytest.mark.servers, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    ok = sync_playwright is not None and shutil.which(CHROMIUM) is not None
+    if not ok:
+        msg = ("headless browser not available: pip install playwright (dev extras) and Debian's "
+               "chromium (infra/ci/install-services.sh); Playwright's own browser download is "
+               "not used")
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def demo(demo_servers):
+    s = demo_servers
+    assert s.demo.returncode == 0, s.demo.stdout[-4000:] + s.demo.stderr[-4000:]
+    return s, json.loads((s.workdir / "latest.json").read_text())
+
+
+try:
+    from playwright.sync_api import Error as PlaywrightError
+except ImportError:
+    PlaywrightError = Exception
+
+
+def _page(browser):
+    page = browser.new_page(viewport={"width": 1600, "height": 1000})
+    page.set_default_timeout(60_000)
+    return page
+
+
+def test_mlflow_ui_shows_parent_with_nested_stage_runs(browser, demo):
+    s, latest = demo
+    parent_id = latest["mlflow_parent_run_id"]
+    parent = s.mlflow.api("GET", f"runs/get?run_id={parent_id}")["run"]
+    exp = parent["info"]["experiment_id"]
+    parent_name = parent["info"]["run_name"]
+    page = _page(browser)
+    page.goto(f"{s.mlflow.url}/#/experiments/{exp}/runs")
+    # Nested runs are grouped under their parent, collapsed: the button in the parent's
+    # run-name cell expands them.
+    cell = page.locator("[role=gridcell][col-id='attributes.`Run Name`']", has_text=parent_name).first
+    cell.wait_for()
+    assert page.get_by_text(sorted(latest["stages"])[0], exact=True).count() == 0  # collapsed
+    cell.locator("button").first.click()
+    for label in sorted(latest["stages"]):
+        page.get_by_text(label, exact=True).first.wait_for()
+    with contextlib.suppress(PlaywrightError):  # the assistant side panel, when shown
+        page.get_by_role("button", name=re.compile("close", re.I)).first.click(timeout=3000)
+    IMG.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(IMG / "mlflow-nested-runs.png"), full_page=True)
+    # and the parent's own page names its stage table artifact
+    page.goto(f"{s.mlflow.url}/#/experiments/{exp}/runs/{parent_id}/artifacts")
+    page.get_by_text("stages.json").first.wait_for()
+    page.close()
+
+
+def test_prefect_ui_shows_flow_run_with_task_runs(browser, demo):
+    s, latest = demo
+    runs = s.prefect.api("POST", "flow_runs/filter", json={"flows": {"name": {"any_": ["lifecycle"]}}})
+    run = runs[0]
+    page = _page(browser)
+    page.goto(f"{s.prefect.ui_url}/runs/flow-run/{run['id']}")
+    page.get_by_text(run["name"]).first.wait_for()
+    page.get_by_text("Completed").first.wait_for()
+    page.get_by_role("tab", name=re.compile("Task Runs", re.I)).first.click()
+    for label in sorted(latest["stages"]):
+        page.get_by_text(re.compile("^" + re.escape(label) + "-")).first.wait_for()
+    IMG.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(IMG / "prefect-flow-run.png"), full_page=True)
+    page.close()

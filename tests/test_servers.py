@@ -1,0 +1,259 @@
+"""The lifecycle against real servers: Postgres, `prefect server start` and `mlflow server`
+(tests/servers.py), checked through their REST APIs; plus the deployments of conf/deploy.
+
+The fast tests at the top build deployments locally (no server). The `servers` tests share one
+demo run on the servers (tests/conftest.py: demo_servers).
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.servers import (REPO, VENV_BIN, MlflowServer, Postgres, PrefectServer, client_env,
+                           llamaflow, port_open)
+
+# -- deployments, built locally --------------------------------------------------------------------
+
+
+def test_deploy_config_defaults():
+    from pipelines.deploy import load_deploy_config, parameters
+
+    cfg = load_deploy_config()
+    d = cfg["deployments"]
+    assert d["nightly-evaluate"]["cron"] == "0 2 * * *"
+    assert parameters(d["nightly-evaluate"]) == {
+        "overrides": ["stages=[evaluate]", "force=[evaluate]"], "from_stage": None}
+    assert parameters(d["weekly-retrain"]) == {"overrides": [], "from_stage": "pretrain"}
+    assert cfg["pools"]["gpu"]["concurrency"] == 1 and cfg["task_concurrency"] == {"gpu": 1}
+    # overrides use Hydra syntax, like the lifecycle's
+    cfg = load_deploy_config(["pools.gpu.concurrency=3", "deployments.nightly-evaluate.cron=30 1 * * *"])
+    assert cfg["pools"]["gpu"]["concurrency"] == 3
+    assert cfg["deployments"]["nightly-evaluate"]["cron"] == "30 1 * * *"
+
+
+def test_runner_tags_gpu_stages():
+    """The gpu tag limit only bounds what carries the tag (pipelines/runner.py)."""
+    from pipelines.runner import GPU_STAGES
+
+    assert {"pretrain", "sft", "evaluate"} <= GPU_STAGES
+
+
+@pytest.mark.parametrize("override, message", [
+    ("deployments.nightly-evaluate.cron=every night", "nightly-evaluate.cron"),
+    ("deployments.weekly-retrain.from_stage=train", "from_stage='train'"),
+    ("deployments.requantize.pool=tpu", "pool='tpu'"),
+    ("+deployments.lifecycle.schedule=daily", "unknown key"),
+])
+def test_deploy_config_errors_name_the_field(override, message):
+    from pipelines.deploy import load_deploy_config
+
+    with pytest.raises(ValueError, match=message.replace("[", r"\[")):
+        load_deploy_config([override])
+
+
+def test_deployments_carry_schedule_parameters_and_pool():
+    from prefect.deployments.runner import EntrypointType
+
+    from pipelines.deploy import deployments, load_deploy_config
+
+    cfg = load_deploy_config()
+    served = {d.name: d for d in deployments(cfg)}
+    assert set(served) == set(cfg["deployments"])
+    nightly = served["nightly-evaluate"]
+    assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
+    assert nightly.schedules[0].schedule.timezone == "UTC"
+    assert nightly.parameters == {"overrides": ["stages=[evaluate]", "force=[evaluate]"],
+                                  "from_stage": None}
+    assert served["lifecycle"].schedules == []
+    # the UI form: both parameters are in the flow's schema, typed
+    props = nightly._parameter_openapi_schema.properties
+    assert set(props) == {"overrides", "from_stage"}
+    assert {"type": "array", "items": {"type": "string"}} in props["overrides"]["anyOf"]
+    pooled = {d.name: d for d in deployments(cfg, ["requantize", "weekly-retrain"], for_work_pools=True)}
+    assert pooled["requantize"].work_pool_name == "cpu"
+    assert pooled["weekly-retrain"].work_pool_name == "gpu"
+    assert pooled["weekly-retrain"].entrypoint == "pipelines.lifecycle.lifecycle"
+    assert pooled["weekly-retrain"].entrypoint_type == EntrypointType.MODULE_PATH
+    with pytest.raises(ValueError, match="unknown deployment"):
+        deployments(cfg, ["hourly"])
+
+
+# -- real servers ----------------------------------------------------------------------------------
+
+@pytest.mark.servers
+@pytest.mark.slow
+def test_servers_start_and_stop_by_pid(tmp_path):
+    """Each server comes up healthy on its port and is gone (port closed, group gone) after the
+    SIGTERM/SIGINT to its PID."""
+    with Postgres.start() as pg:
+        with PrefectServer.start(tmp_path, pg.url("prefect", "postgresql+asyncpg")) as pf, \
+                MlflowServer.start(tmp_path, pg.url("mlflow", "postgresql+psycopg2")) as ml:
+            assert pf.api("GET", "health") is True
+            assert ml.api("GET", "experiments/search?max_results=5")["experiments"][0]["name"] == "Default"
+            ports = (pf.port, ml.port)
+            pf_seconds, ml_seconds = pf.stop(), ml.stop()
+        assert not any(port_open(p) for p in ports)
+        for proc in (pf.proc, ml.proc):
+            assert proc.returncode is not None
+        print(f"postgres ready {pg.started_s:.1f}s, prefect {pf.started_s:.1f}s "
+              f"(stop {pf_seconds:.1f}s), mlflow {ml.started_s:.1f}s (stop {ml_seconds:.1f}s)")
+    assert not port_open(pg.port)
+
+
+def _flow_run(s, flow_run_id: str) -> dict:
+    return s.prefect.api("GET", f"flow_runs/{flow_run_id}")
+
+
+@pytest.fixture(scope="module")
+def demo(demo_servers):
+    s = demo_servers
+    assert s.demo.returncode == 0, s.demo.stdout[-4000:] + s.demo.stderr[-4000:]
+    latest = json.loads((s.workdir / "latest.json").read_text())
+    return s, latest
+
+
+@pytest.mark.servers
+@pytest.mark.slow
+def test_demo_flow_run_and_task_runs_on_prefect_server(demo):
+    s, latest = demo
+    runs = s.prefect.api("POST", "flow_runs/filter", json={
+        "flows": {"name": {"any_": ["lifecycle"]}}})
+    assert len(runs) == 1
+    run = runs[0]
+    assert run["state"]["type"] == "COMPLETED"
+    tasks = s.prefect.api("POST", "task_runs/filter", json={
+        "flow_runs": {"id": {"any_": [run["id"]]}}})
+    by_name = {t["name"].rsplit("-", 1)[0]: t for t in tasks}
+    # one task run per stage call, each completed, named by its label, tagged by stage
+    assert set(latest["stages"]) <= set(by_name), (sorted(latest["stages"]), sorted(by_name))
+    for label, t in by_name.items():
+        assert t["state"]["type"] == "COMPLETED", label
+        assert f"stage:{latest['stages'][label]['stage']}" in t["tags"] or \
+            latest["stages"][label]["stage"] == "report"
+    gpu_tagged = {label for label, t in by_name.items() if "gpu" in t["tags"]}
+    assert {label for label, r in latest["stages"].items()
+            if r["stage"] in {"pretrain", "sft"}} <= gpu_tagged
+    # the flow run links to its MLflow parent run (link artifact)
+    arts = s.prefect.api("POST", "artifacts/filter", json={
+        "artifacts": {"flow_run_id": {"any_": [run["id"]]}}})
+    links = [a for a in arts if a["type"] == "link"]
+    assert links and latest["mlflow_parent_run_id"] in links[0]["data"]
+    assert links[0]["data"].startswith(s.mlflow.url)
+    assert any(a["key"] == "lifecycle-summary" for a in arts)
+
+
+@pytest.mark.servers
+@pytest.mark.slow
+def test_demo_parent_and_nested_runs_on_mlflow_server(demo):
+    s, latest = demo
+    parent_id = latest["mlflow_parent_run_id"]
+    parent = s.mlflow.api("GET", f"runs/get?run_id={parent_id}")["run"]
+    assert parent["info"]["status"] == "FINISHED"
+    tags = {t["key"]: t["value"] for t in parent["data"]["tags"]}
+    runs = s.prefect.api("POST", "flow_runs/filter", json={"flows": {"name": {"any_": ["lifecycle"]}}})
+    assert tags["prefect.flow_run_id"] == runs[0]["id"]          # MLflow → Prefect
+    assert runs[0]["id"] in tags["prefect.flow_run_url"]
+    metrics = {m["key"]: m["value"] for m in parent["data"]["metrics"]}
+    assert metrics["stages_run"] + metrics["stages_cached"] == len(latest["stages"])
+    arts = {f["path"] for f in s.mlflow.api(
+        "GET", f"artifacts/list?run_id={parent_id}")["files"]}
+    assert {"config.yaml", "stages.json"} <= arts
+
+    exp = parent["info"]["experiment_id"]
+    children = s.mlflow.api("POST", "runs/search", json={
+        "experiment_ids": [exp], "filter": f"tags.mlflow.parentRunId = '{parent_id}'",
+        "max_results": 100})["runs"]
+    by_label = {next(t["value"] for t in r["data"]["tags"] if t["key"] == "llamaflow.label"): r
+                for r in children}
+    assert set(by_label) == set(latest["stages"])
+    for label, r in by_label.items():
+        assert r["info"]["status"] == "FINISHED", label
+        assert r["info"]["run_id"] == latest["stages"][label]["mlflow_run_id"]
+        m = {x["key"]: x["value"] for x in r["data"].get("metrics", [])}
+        assert m["stage_seconds"] >= 0 and m["artifact_bytes"] > 0, label
+        files = {f["path"] for f in s.mlflow.api(
+            "GET", f"artifacts/list?run_id={r['info']['run_id']}")["files"]}
+        assert {"stage_config.json", "manifest.json"} <= files, label
+    # proxied artifacts really landed in the server's artifact store, byte for byte
+    some = by_label[next(iter(by_label))]["info"]["run_id"]
+    stored = list(s.mlflow.artifacts.rglob(f"*{some}*/artifacts/manifest.json")) or \
+        [p for p in s.mlflow.artifacts.rglob("manifest.json") if some in str(p)]
+    assert stored
+
+
+@pytest.mark.servers
+@pytest.mark.slow
+def test_deploy_creates_pools_limits_and_scheduled_deployments(demo):
+    s, _ = demo
+    r = llamaflow(["deploy"], s.env, timeout=180)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    pools = {p["name"]: p for p in s.prefect.api("POST", "work_pools/filter", json={})}
+    assert pools["gpu"]["concurrency_limit"] == 1 and pools["gpu"]["type"] == "process"
+    assert pools["cpu"]["concurrency_limit"] == 4
+    limit = s.prefect.api("GET", "concurrency_limits/tag/gpu")
+    assert limit["concurrency_limit"] == 1
+    deps = {d["name"]: d for d in s.prefect.api("POST", "deployments/filter", json={})}
+    assert {"lifecycle", "nightly-evaluate", "weekly-retrain", "requantize"} <= set(deps)
+    nightly = deps["nightly-evaluate"]
+    assert [sch["schedule"]["cron"] for sch in nightly["schedules"]] == ["0 2 * * *"]
+    assert nightly["work_pool_name"] == "gpu" and deps["requantize"]["work_pool_name"] == "cpu"
+    assert nightly["parameters"] == {"overrides": ["stages=[evaluate]", "force=[evaluate]"],
+                                     "from_stage": None}
+    assert nightly["entrypoint"] == "pipelines.lifecycle.lifecycle"
+    assert set(nightly["parameter_openapi_schema"]["properties"]) == {"overrides", "from_stage"}
+    # the scheduler service fills in upcoming runs of the scheduled deployment
+    deadline = time.monotonic() + 90
+    scheduled = []
+    while time.monotonic() < deadline and not scheduled:
+        scheduled = s.prefect.api("POST", "flow_runs/filter", json={
+            "deployments": {"id": {"any_": [nightly["id"]]}},
+            "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}})
+        time.sleep(2)
+    assert scheduled and all(fr["parameters"]["from_stage"] is None for fr in scheduled)
+
+
+@pytest.mark.servers
+@pytest.mark.slow
+def test_serve_registers_deployment_and_stops_on_sigterm(demo, tmp_path):
+    s, _ = demo
+
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(VENV_BIN / "llamaflow"), "serve", "nightly-evaluate"],
+                                env={**os.environ, **s.env, "PREFECT_RUNNER_POLL_FREQUENCY": "5"},
+                                cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        dep = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            deps = s.prefect.api("POST", "deployments/filter", json={
+                "deployments": {"name": {"any_": ["nightly-evaluate"]}}})
+            served = [d for d in deps if d["work_pool_name"] is None]
+            if served:
+                dep = served[0]
+                break
+            time.sleep(1)
+        assert dep is not None, log.read_text()[-3000:]
+        assert [sch["schedule"]["cron"] for sch in dep["schedules"]] == ["0 2 * * *"]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+    assert proc.returncode is not None
+
+
+def test_client_env_points_at_servers(tmp_path):
+    pf, ml = PrefectServer.__new__(PrefectServer), MlflowServer.__new__(MlflowServer)
+    pf.port, ml.port = 4200, 5000
+    env = client_env(pf, ml, tmp_path)
+    assert env["PREFECT_API_URL"] == "http://127.0.0.1:4200/api"
+    assert env["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000"

@@ -78,7 +78,7 @@ def serve_directory(root: Path):
         server.server_close()
 
 
-def run_demo(workdir: Path, overrides: list[str] = ()) -> dict:
+def run_demo(workdir: Path, overrides: list[str] = (), from_stage: str | None = None) -> dict:
     from pipelines.config import load_config
     from pipelines.lifecycle import lifecycle
 
@@ -89,4 +89,4 @@ def run_demo(workdir: Path, overrides: list[str] = ()) -> dict:
         make_demo_source(source, model_cfg)
     with serve_directory(source) as url:
         print(f"demo: serving the synthetic Meta checkpoint at {url}", flush=True)
-        return lifecycle(overrides=[*overrides, f"source.url={url}"])
+        return lifecycle(overrides=[*overrides, f"source.url={url}"], from_stage=from_stage)

@@ -6,7 +6,9 @@ steps/__init__.py), conf/<name>/default.yaml, add the name to runner.STAGES, and
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 
 from prefect import flow, get_run_logger, runtime
@@ -78,8 +80,33 @@ def lifecycle(overrides: list[str] | None = None, from_stage: str | None = None)
     finally:
         run.write_latest()
         _summarise(run, tracker, parent)
+        try:
+            _publish_report(run, tracker, parent)
+        except Exception as e:  # publishing must never hide the run's own outcome
+            log.warning("could not publish the report: %s", e)
         tracker.end_run(parent, status)
     return {"mlflow_parent_run_id": parent, "workdir": str(workdir), "stages": run.results}
+
+
+def _publish_report(run: LifecycleRun, tracker: Tracker, parent: str) -> None:
+    """The evaluation report on the parent run (MLflow files + the gates tag) and as a Prefect
+    markdown artifact, so both UIs open on the comparison table."""
+    if "report" not in run.results:
+        return
+    report_dir = Path(run.results["report"]["artifact"])
+    for f in sorted(report_dir.iterdir()):
+        if f.name != "manifest.json":
+            tracker.log_file(parent, f, "report")
+    gates = report_dir / "gates.json"
+    if gates.is_file():
+        tracker.set_tags(parent, {"llamaflow.gates_passed": json.loads(gates.read_text())["passed"]})
+    md = report_dir / "report.md"
+    if md.is_file():
+        text = md.read_text()
+        # Prefect renders markdown without our PNGs; point at where they are instead.
+        text = re.sub(r"!\[([^\]]*)\]\(([^)]*)\)", lambda m: f"`{report_dir / m.group(2)}`", text)
+        create_markdown_artifact(markdown=text, key="lifecycle-report",
+                                 description="Every model x every eval set, quant table, gates")
 
 
 def _summarise(run: LifecycleRun, tracker: Tracker, parent: str) -> None:

@@ -133,6 +133,17 @@ def _digests(x):
     return x
 
 
+def _missing(d, prefix: str = "") -> list[str]:
+    """Dotted keys whose value is Hydra's mandatory marker ??? (left unresolved)."""
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out += _missing(v, f"{prefix}{k}.")
+        elif v == "???":
+            out.append(f"{prefix}{k}")
+    return out
+
+
 def _step_config(run: LifecycleRun, name: str, extra: dict):
     """The validated step Config, the dict for the cache key (data paths replaced by their
     content digests, URLs redacted, excluded knobs dropped) and the data digests."""
@@ -142,6 +153,11 @@ def _step_config(run: LifecycleRun, name: str, extra: dict):
     if name == "download":
         section = {**section, "source": run.cfg["source"]}
     raw = json.loads(json.dumps(section))  # deep copy, plain JSON
+    missing = _missing(raw)
+    if missing:
+        prefix = {"download": ""}.get(name, f"{name}.")
+        raise ValueError(f"stage `{name}`: {', '.join(prefix + m for m in missing)} must be set "
+                         f"(the config leaves it as ???): pass e.g. `{prefix}{missing[0]}=...`")
     data = {}
     for spec in getattr(module, "DATA_FIELDS", ()):
         for key, value in _get(raw, spec):
@@ -242,3 +258,7 @@ def _log_small_files(run: LifecycleRun, run_id: str, artifact: Artifact) -> None
         small = f["size"] <= 2 << 20 and p.suffix in {".json", ".jsonl", ".md", ".png", ".txt", ".yaml"}
         if small or log_all:
             run.tracker.log_file(run_id, p, str(Path(f["path"]).parent) if "/" in f["path"] else None)
+        if p.name == "generations.jsonl":  # a table in the MLflow UI, for human review
+            rows = [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+            run.tracker.log_table(run_id, [{k: v for k, v in r.items() if k != "output_ids"}
+                                           for r in rows], "generations_table.json")

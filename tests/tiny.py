@@ -18,7 +18,8 @@ def train_tiny_tokenizer(out_path: Path, vocab_size: int = 320) -> Path:
         input=str(DEMO_DATA / "corpus_en.txt"), model_prefix=str(out_path.with_suffix("")),
         model_type="bpe", vocab_size=vocab_size, byte_fallback=True, split_digits=True,
         character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        normalization_rule_name="identity", add_dummy_prefix=True, num_threads=1,
+        normalization_rule_name="identity", add_dummy_prefix=True, remove_extra_whitespaces=False,
+        num_threads=1,
         minloglevel=2)
     return out_path
 

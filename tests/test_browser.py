@@ -99,9 +99,11 @@ def test_prefect_ui_shows_flow_run_with_task_runs(browser, demo):
     page.goto(f"{s.prefect.ui_url}/runs/flow-run/{run['id']}")
     page.get_by_text(run["name"]).first.wait_for()
     page.get_by_text("Completed").first.wait_for()
-    page.get_by_role("tab", name=re.compile("Task Runs", re.I)).first.click()
+    page.get_by_text(f"{len(latest['stages'])} Task runs").first.wait_for()
+    page.get_by_text("Task Runs", exact=True).first.click()
+    # every stage's task run (named <label>-<suffix>) is listed
     for label in sorted(latest["stages"]):
-        page.get_by_text(re.compile("^" + re.escape(label) + "-")).first.wait_for()
+        page.get_by_text(re.compile("^" + re.escape(label) + "-[0-9a-f]+$")).first.wait_for()
     IMG.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(IMG / "prefect-flow-run.png"), full_page=True)
     page.close()

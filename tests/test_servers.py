@@ -141,9 +141,10 @@ def test_demo_flow_run_and_task_runs_on_prefect_server(demo):
     # the flow run links to its MLflow parent run (link artifact)
     arts = s.prefect.api("POST", "artifacts/filter", json={
         "artifacts": {"flow_run_id": {"any_": [run["id"]]}}})
-    links = [a for a in arts if a["type"] == "link"]
-    assert links and latest["mlflow_parent_run_id"] in links[0]["data"]
-    assert links[0]["data"].startswith(s.mlflow.url)
+    # (Prefect stores a link artifact as markdown `[text](url)`)
+    link = next(a for a in arts if a["key"] == "mlflow-run")
+    exp = s.mlflow.api("GET", f"runs/get?run_id={latest['mlflow_parent_run_id']}")["run"]["info"]["experiment_id"]
+    assert f"({s.mlflow.url}/#/experiments/{exp}/runs/{latest['mlflow_parent_run_id']})" in link["data"]
     assert any(a["key"] == "lifecycle-summary" for a in arts)
 
 
@@ -234,13 +235,16 @@ def test_serve_registers_deployment_and_stops_on_sigterm(demo, tmp_path):
         while time.monotonic() < deadline and proc.poll() is None:
             deps = s.prefect.api("POST", "deployments/filter", json={
                 "deployments": {"name": {"any_": ["nightly-evaluate"]}}})
-            served = [d for d in deps if d["work_pool_name"] is None]
+            # served: addressed by file path (not the module path `deploy` uses), not paused
+            served = [d for d in deps if d["entrypoint"] == "pipelines/lifecycle.py:lifecycle"
+                      and not d["paused"]]
             if served:
                 dep = served[0]
                 break
             time.sleep(1)
         assert dep is not None, log.read_text()[-3000:]
         assert [sch["schedule"]["cron"] for sch in dep["schedules"]] == ["0 2 * * *"]
+        assert dep["parameters"]["overrides"] == ["stages=[evaluate]", "force=[evaluate]"]
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -248,6 +252,9 @@ def test_serve_registers_deployment_and_stops_on_sigterm(demo, tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(5)
+    # serve pauses its deployments' schedules when it stops (pause_on_shutdown)
+    dep = s.prefect.api("GET", f"deployments/{dep['id']}")
+    assert dep["paused"] is True
     assert proc.returncode is not None
 
 

@@ -235,9 +235,10 @@ def test_serve_registers_deployment_and_stops_on_sigterm(demo, tmp_path):
         while time.monotonic() < deadline and proc.poll() is None:
             deps = s.prefect.api("POST", "deployments/filter", json={
                 "deployments": {"name": {"any_": ["nightly-evaluate"]}}})
-            # served: addressed by file path (not the module path `deploy` uses), not paused
+            # served: addressed by file path (not the module path `deploy` uses), not paused,
+            # and READY (the runner polls for it; from then on its SIGTERM handler is set)
             served = [d for d in deps if d["entrypoint"] == "pipelines/lifecycle.py:lifecycle"
-                      and not d["paused"]]
+                      and not d["paused"] and d["status"] == "READY"]
             if served:
                 dep = served[0]
                 break

@@ -519,18 +519,11 @@ def _copy_tokenizer(tokenizer_dir: Path, out_dir: Path) -> None:
             shutil.copyfile(tokenizer_dir / f, out_dir / f)
 
 
-def _meta_params(config: dict, vocab_rows: int) -> dict:
+def _meta_params(config: dict, vocab_rows: int):
     """Meta params.json fields from an HF LLaMA config (recipe §1.2)."""
-    params = {"dim": config["hidden_size"], "n_layers": config["num_hidden_layers"],
-              "n_heads": config["num_attention_heads"], "norm_eps": config["rms_norm_eps"],
-              "vocab_size": vocab_rows}
-    kv = config.get("num_key_value_heads")
-    if kv and kv != config["num_attention_heads"]:
-        params["n_kv_heads"] = kv
-    theta = (config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta"))
-    if theta and float(theta) != 10000.0:
-        params["rope_theta"] = float(theta)
-    return params
+    from steps.meta import params_from_hf_config
+
+    return params_from_hf_config(config, vocab_rows)
 
 
 def _save_meta(state: dict, base_dir: Path, out_dir: Path, vocab_rows: int, tokenizer_dir: Path,

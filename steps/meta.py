@@ -125,6 +125,32 @@ class MetaParams:
         return out
 
 
+def params_from_hf_config(config: dict, vocab_size: int | None = None) -> MetaParams:
+    """Meta params.json for an HF LLaMA config.json. Meta derives the FFN width from dim,
+    multiple_of and ffn_dim_multiplier, so those are chosen to reproduce intermediate_size:
+    Meta's own values when they fit (multiple_of 256, or 4096 with x1.3 for Llama-2 70B), else
+    multiple_of = intermediate_size with the multiplier that rounds up to exactly it."""
+    dim, ffn = config["hidden_size"], config["intermediate_size"]
+    theta = (config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta", 10000.0))
+    kv = config.get("num_key_value_heads") or config["num_attention_heads"]
+    multiple_of, multiplier = ffn, None
+    for mo, mult in ((256, None), (4096, 1.3), (1024, 1.3), (ffn, None)):
+        if ffn_hidden_dim(dim, mo, mult) == ffn:
+            multiple_of, multiplier = mo, mult
+            break
+    else:
+        multiplier = ffn / int(2 * (4 * dim) / 3)
+        if ffn_hidden_dim(dim, multiple_of, multiplier) != ffn:
+            multiplier = (ffn - 0.5) / int(2 * (4 * dim) / 3)
+    p = MetaParams(dim=dim, n_layers=config["num_hidden_layers"], n_heads=config["num_attention_heads"],
+                   n_kv_heads=kv if kv != config["num_attention_heads"] else None,
+                   vocab_size=vocab_size if vocab_size is not None else config["vocab_size"],
+                   multiple_of=multiple_of, ffn_dim_multiplier=multiplier,
+                   norm_eps=config["rms_norm_eps"], rope_theta=float(theta or 10000.0))
+    assert p.ffn_dim == ffn, (p, ffn)
+    return p
+
+
 def shard_dim(meta_name: str) -> int | None:
     m = _LAYER_RE.match(meta_name)
     key = m.group(2) if m else meta_name

@@ -110,9 +110,10 @@ def cmd_deploy(args, serve: bool) -> int:
     from pipelines import deploy
 
     if serve:
-        deploy.serve(names=args.names or None)
+        deploy.serve(names=args.names or None, overrides=args.overrides)
     else:
-        deploy.deploy(names=args.names or None)
+        deploy.deploy(names=args.names or None, work_pool=args.work_pool, image=args.image,
+                      overrides=args.overrides)
     return 0
 
 
@@ -138,7 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("serve", "deploy"):
         s = sub.add_parser(name, help=f"Prefect deployments with schedules ({name})")
         s.add_argument("names", nargs="*", help="deployment names from conf/deploy (default all)")
-        s.add_argument("--overrides", nargs="*", default=[])
+        s.add_argument("--overrides", nargs="*", default=[],
+                       help="Hydra overrides of conf/deploy (schedules, pools, parameters)")
+        if name == "deploy":
+            s.add_argument("--work-pool", help="send every deployment to this work pool")
+            s.add_argument("--image", help="container image for docker/kubernetes pools")
     args = p.parse_args(argv)
     if args.cmd == "run":
         return cmd_run(args)

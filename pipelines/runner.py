@@ -99,7 +99,7 @@ class LifecycleRun:
         if STAGES.index(group) > self.last:
             return None
         retries = int(self.cfg.get("retries", {}).get(name, 0))
-        tags = ["llamaflow", f"stage:{group}"] + (["gpu"] if group in GPU_STAGES else [])
+        tags = ["llamaflow", f"stage:{group}"] + (["gpu"] if name in GPU_STAGES else [])
         t = task(name=label, retries=retries, retry_delay_seconds=5, cache_policy=NO_CACHE,
                  tags=tags)(_run_stage)
         return t(self, name, label, group, config or {}, inputs)
@@ -209,7 +209,7 @@ def _run_stage(run: LifecycleRun, name: str, label: str, group: str, extra: dict
     else:
         log.info("%s: cache %s, running (key %s)", label, "forced" if forced else "miss", key[:12])
         tmp = run.store.new_tmp(name, key)
-        monitor = run.tracker.system_metrics(run_id) if group in GPU_STAGES else None
+        monitor = run.tracker.system_metrics(run_id) if name in GPU_STAGES else None
         kwargs = dict(_paths(inputs))
         params = inspect.signature(module.run).parameters
         if "resume_dir" in params:  # checkpoints survive a crash: the rerun of this key resumes

@@ -19,7 +19,8 @@ from typing import Literal
 
 import pydantic
 
-from steps.meta import MetaFormatError, MetaParams, meta_to_hf_name, permute, shard_dim
+from steps.meta import (MetaFormatError, MetaParams, meta_to_hf_name, permute, read_checklist,
+                        shard_dim)
 from steps.safetensors_io import StreamingSafetensorsWriter, parse_size
 
 log = logging.getLogger(__name__)
@@ -42,10 +43,17 @@ def _shard_files(meta_dir: Path) -> list[Path]:
         raise MetaFormatError(f"{meta_dir}: no consolidated.NN.pth files (is this the model "
                               "folder, e.g. llama/7B, that holds params.json?)")
     idx = [int(re.search(r"consolidated\.(\d+)\.pth$", f.name).group(1)) for f in files]
-    if idx != list(range(len(files))):
-        missing = sorted(set(range(max(idx) + 1)) - set(idx))
-        raise MetaFormatError(f"{meta_dir}: model-parallel shards {[f'consolidated.{i:02d}.pth' for i in missing]} "
-                              "are missing; download them again")
+    expected = set(range(max(idx) + 1))
+    # Meta's checklist.chk lists every shard: it catches a missing last shard too.
+    if (meta_dir / "checklist.chk").is_file():
+        listed = read_checklist(meta_dir / "checklist.chk")
+        expected |= {int(m.group(1)) for n in listed
+                     if (m := re.fullmatch(r"consolidated\.(\d+)\.pth", n))}
+    missing = sorted(expected - set(idx))
+    if missing:
+        raise MetaFormatError(f"{meta_dir}: model-parallel shard(s) "
+                              f"{[f'consolidated.{i:02d}.pth' for i in missing]} missing (have "
+                              f"{[f.name for f in files]}); download them again")
     return files
 
 
@@ -106,7 +114,7 @@ def plan(meta_dir: Path) -> tuple[MetaParams, list[Path], int, dict[str, tuple[i
         if params.vocab_size > 0 and params.vocab_size != vocab:
             raise MetaFormatError(f"{meta_dir / 'params.json'}: vocab_size {params.vocab_size} but "
                                   f"tok_embeddings has {vocab} rows")
-        if params.vocab_size <= 0 and sp.get_piece_size() > vocab:
+        if sp.get_piece_size() > vocab:
             raise MetaFormatError(f"{tok} has {sp.get_piece_size()} pieces but the embedding only "
                                   f"{vocab} rows: this is not the tokenizer of this checkpoint (P9)")
         expected = params.shapes(vocab)
@@ -116,10 +124,12 @@ def plan(meta_dir: Path) -> tuple[MetaParams, list[Path], int, dict[str, tuple[i
                                       f"{params.n_layers} layers)")
             got = _full_shape(name, [sd[name] for sd in shards])
             if got != shape:
+                where = ", ".join(f"{f.name}: {tuple(sd[name].shape)}" for f, sd in zip(files, shards))
                 raise MetaFormatError(
-                    f"{meta_dir}: {name} has shape {got} across {len(files)} shard(s), params.json "
-                    f"implies {shape} (dim {params.dim}, heads {params.n_heads}/{params.kv_heads}, "
-                    f"ffn {params.ffn_dim})")
+                    f"{meta_dir}: {name} has shape {got} across {len(files)} shard(s) ({where}), "
+                    f"params.json implies {shape} (dim {params.dim}, heads {params.n_heads}/"
+                    f"{params.kv_heads}, ffn {params.ffn_dim}); a shard is corrupt or missing, or "
+                    "params.json belongs to another model size")
         extra = names - set(expected) - {k for k in names if k.endswith("rope.freqs")}
         if extra:
             raise MetaFormatError(f"{files[0]}: unexpected tensors {sorted(extra)[:5]}")
@@ -157,12 +167,20 @@ def convert_meta_to_hf(meta_dir: Path, out_dir: Path, dtype: str = "bfloat16",
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose one of {DTYPES}")
+    max_bytes = parse_size(max_shard_size)
     meta_dir, out_dir = Path(meta_dir), Path(out_dir)
     params, files, vocab, shapes = plan(meta_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} is not empty; convert writes into an empty directory")
+    # The tokenizer first: it is cheap and the last check that can fail (e.g. a non-BPE model).
+    n_tokens = save_hf_tokenizer(meta_dir / "tokenizer.model", out_dir)
+    if n_tokens > vocab:
+        raise MetaFormatError(f"{meta_dir / 'tokenizer.model'}: {n_tokens} tokens but the "
+                              f"embedding has only {vocab} rows")
     order = _hf_order(params)
     writer = StreamingSafetensorsWriter(
-        out_dir, [(meta_to_hf_name(n), shapes[n], dtype) for n in order], parse_size(max_shard_size))
+        out_dir, [(meta_to_hf_name(n), shapes[n], dtype) for n in order], max_bytes)
     target = getattr(torch, dtype)
     groups: list[list[str]] = [[order[0]]] + [order[1 + 9 * i: 1 + 9 * (i + 1)]
                                              for i in range(params.n_layers)] + [order[-2:]]
@@ -183,7 +201,6 @@ def convert_meta_to_hf(meta_dir: Path, out_dir: Path, dtype: str = "bfloat16",
     (out_dir / "config.json").write_text(json.dumps(
         _hf_config(params, vocab, dtype, context_length), indent=2, sort_keys=True))
     GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(out_dir)
-    save_hf_tokenizer(meta_dir / "tokenizer.model", out_dir)
     return out_dir
 
 
@@ -193,26 +210,45 @@ def run(config: Config, out_dir: Path, *, on_metrics=None, meta: Path) -> dict:
     t0 = time.time()
     convert_meta_to_hf(meta, out_dir, dtype=config.dtype, max_shard_size=config.max_shard_size,
                        context_length=config.context_length)
-    v = check_model(out_dir)
     seconds = time.time() - t0
-    size = sum(f.stat().st_size for f in Path(out_dir).glob("*.safetensors"))
+    v = check_model(out_dir)
     cfg = json.loads((Path(out_dir) / "config.json").read_text())
+    special = _special_ids(Path(out_dir))
+    size = sum(f.stat().st_size for f in Path(out_dir).glob("*.safetensors"))
+    n_params, n_tensors = _count(out_dir)
     return {"seconds": seconds, "bytes": size, "MB_per_s": size / 1e6 / max(seconds, 1e-9),
-            "vocab_size": v.embed_rows, "n_layers": cfg["num_hidden_layers"],
-            "hidden_size": cfg["hidden_size"], "n_shards_in": len(list(Path(meta).glob("consolidated.*.pth"))),
-            "n_params": _n_params(out_dir)}
+            "params": n_params, "tensors": n_tensors, "vocab_size": v.embed_rows,
+            "n_layers": cfg["num_hidden_layers"], "hidden_size": cfg["hidden_size"],
+            "n_shards_in": len(list(Path(meta).glob("consolidated.*.pth"))),
+            "unk_id": special["unk"], "bos_id": special["bos"], "eos_id": special["eos"]}
 
 
-def _n_params(model_dir: Path) -> int:
+def _special_ids(model_dir: Path) -> dict[str, int]:
+    """unk/bos/eos as the converted tokenizer and config.json see them; LLaMA's are 0/1/2 (P13:
+    a conversion with bos/eos 0 gives a model that never stops generating)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    cfg = json.loads((model_dir / "config.json").read_text())
+    ids = {"unk": tok.unk_token_id, "bos": tok.bos_token_id, "eos": tok.eos_token_id}
+    if ids != {"unk": 0, "bos": 1, "eos": 2} or (cfg["bos_token_id"], cfg["eos_token_id"]) != (1, 2):
+        raise MetaFormatError(f"{model_dir}: special ids {ids}, config bos/eos "
+                              f"{cfg['bos_token_id']}/{cfg['eos_token_id']}; LLaMA's are unk 0, "
+                              "bos 1, eos 2")
+    return ids
+
+
+def _count(model_dir: Path) -> tuple[int, int]:
+    """(parameters, tensors) from the safetensors headers."""
     from safetensors import safe_open
 
-    n = 0
+    n = t = 0
     for f in Path(model_dir).glob("*.safetensors"):
         with safe_open(str(f), framework="pt") as st:
             for k in st.keys():
-                shape = st.get_slice(k).get_shape()
                 c = 1
-                for s in shape:
+                for s in st.get_slice(k).get_shape():
                     c *= s
                 n += c
-    return n
+                t += 1
+    return n, t

@@ -42,8 +42,14 @@ class MetaFormatError(ValueError):
     """A Meta checkpoint that is not what params.json / the layout says."""
 
 
-def ffn_hidden_dim(dim: int, multiple_of: int, ffn_dim_multiplier: float | None = None) -> int:
-    """meta-llama FeedForward: int(2·4·dim/3), times the multiplier, rounded up to multiple_of."""
+def ffn_hidden_dim(dim: "int | MetaParams", multiple_of: int | None = None,
+                   ffn_dim_multiplier: float | None = None) -> int:
+    """meta-llama FeedForward: int(2·4·dim/3), times the multiplier, rounded up to multiple_of.
+    Takes either the three numbers or a MetaParams."""
+    if isinstance(dim, MetaParams):
+        dim, multiple_of, ffn_dim_multiplier = dim.dim, dim.multiple_of, dim.ffn_dim_multiplier
+    if multiple_of is None:
+        raise TypeError("ffn_hidden_dim(dim, multiple_of, ffn_dim_multiplier=None) needs multiple_of")
     hidden = int(2 * (4 * dim) / 3)
     if ffn_dim_multiplier is not None:
         hidden = int(ffn_dim_multiplier * hidden)
@@ -62,18 +68,43 @@ class MetaParams:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
 
-    REQUIRED = ("dim", "n_layers", "n_heads")
+    # Every Meta release's params.json has these six; a silent default for norm_eps (1e-6 in
+    # LLaMA-1, 1e-5 in Llama-2) or multiple_of would give a model that loads but is subtly wrong.
+    REQUIRED = ("dim", "n_layers", "n_heads", "norm_eps", "multiple_of", "vocab_size")
+    _INTS = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of")
+    _FLOATS = ("norm_eps", "ffn_dim_multiplier", "rope_theta")
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "params.json") -> "MetaParams":
+        if not isinstance(d, dict):
+            raise MetaFormatError(f"{source}: expected a JSON object, got {type(d).__name__}")
         missing = [k for k in cls.REQUIRED if k not in d]
         if missing:
-            raise MetaFormatError(f"{source}: missing {missing}; a Meta params.json has dim, "
-                                  "n_layers, n_heads, norm_eps, multiple_of, vocab_size")
+            raise MetaFormatError(f"{source}: missing field(s) {missing}; a Meta params.json has "
+                                  f"{list(cls.REQUIRED)} (vocab_size -1 = from the tokenizer). "
+                                  "Download it again or copy it from conf/model/")
+        if d.get("use_scaled_rope"):
+            raise MetaFormatError(f"{source}: use_scaled_rope is Llama 3.1's rope scaling (and its "
+                                  "tiktoken vocabulary); this converter handles LLaMA-1/2 layouts")
+        for k in cls._INTS:
+            v = d.get(k)
+            if v is None and k == "n_kv_heads":
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or (v <= 0 and not (k == "vocab_size" and v == -1)):
+                raise MetaFormatError(f"{source}: field {k} = {v!r} must be a positive integer"
+                                      + (" (or -1: from the tokenizer)" if k == "vocab_size" else ""))
+        for k in cls._FLOATS:
+            v = d.get(k)
+            if v is None and k != "norm_eps":
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+                raise MetaFormatError(f"{source}: field {k} = {v!r} must be a positive number")
         known = {f for f in cls.__dataclass_fields__}
-        p = cls(**{k: v for k, v in d.items() if k in known})
-        if p.dim % p.n_heads:
-            raise MetaFormatError(f"{source}: dim {p.dim} is not divisible by n_heads {p.n_heads}")
+        p = cls(**{k: (float(v) if k in cls._FLOATS and v is not None else v)
+                   for k, v in d.items() if k in known})
+        if p.dim % p.n_heads or p.head_dim % 2:
+            raise MetaFormatError(f"{source}: dim {p.dim} must split into n_heads {p.n_heads} "
+                                  "heads of an even size (rotary pairs)")
         if p.n_heads % p.kv_heads:
             raise MetaFormatError(f"{source}: n_heads {p.n_heads} not divisible by n_kv_heads "
                                   f"{p.kv_heads}")

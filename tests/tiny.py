@@ -4,24 +4,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-DEMO_DATA = Path(__file__).resolve().parents[1] / "pipelines" / "demo_data"
+from pipelines.demo import DEMO_DATA  # noqa: F401  (the tests' own small real texts)
 
 
 def train_tiny_tokenizer(out_path: Path, vocab_size: int = 320) -> Path:
-    """A LLaMA-like SentencePiece model (BPE, byte fallback, digits split, unk/bos/eos = 0/1/2)
-    trained on the English half of the demo corpus."""
-    import sentencepiece as spm
+    """The demo's LLaMA-like SentencePiece model (BPE, byte fallback, digits split, unk/bos/eos =
+    0/1/2), trained on the English half of the demo corpus at a smaller vocabulary."""
+    from pipelines.demo import train_base_tokenizer
 
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    spm.SentencePieceTrainer.train(
-        input=str(DEMO_DATA / "corpus_en.txt"), model_prefix=str(out_path.with_suffix("")),
-        model_type="bpe", vocab_size=vocab_size, byte_fallback=True, split_digits=True,
-        character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-        normalization_rule_name="identity", add_dummy_prefix=True, remove_extra_whitespaces=False,
-        num_threads=1,
-        minloglevel=2)
-    return out_path
+    return train_base_tokenizer(out_path, vocab_size=vocab_size)
 
 
 def make_tiny_hf_model(out_dir: Path, sp_model: Path, *, hidden: int = 64, layers: int = 2,

@@ -519,22 +519,16 @@ def _copy_tokenizer(tokenizer_dir: Path, out_dir: Path) -> None:
             shutil.copyfile(tokenizer_dir / f, out_dir / f)
 
 
-def _meta_params(config: dict, vocab_rows: int):
-    """Meta params.json fields from an HF LLaMA config (recipe §1.2)."""
-    from steps.meta import params_from_hf_config
-
-    return params_from_hf_config(config, vocab_rows)
-
-
 def _save_meta(state: dict, base_dir: Path, out_dir: Path, vocab_rows: int, tokenizer_dir: Path,
                n_shards: int) -> None:
     try:
-        from steps.meta import hf_to_meta, save_meta_checkpoint
+        from steps.meta import hf_to_meta, params_from_hf_config, save_meta_checkpoint
     except ImportError as e:
         raise MergeError("output_format='meta' needs steps/meta.py (hf_to_meta, "
                          f"save_meta_checkpoint), which is not available: {e}") from e
     config = json.loads((base_dir / "config.json").read_text())
-    params = _meta_params(config, vocab_rows)
+    # params_from_hf_config keeps multiple_of/ffn_dim_multiplier so the FFN width round-trips
+    params = params_from_hf_config(config, vocab_rows)
     meta_state = hf_to_meta(state, params)
     tok = tokenizer_dir / "tokenizer.model"
     save_meta_checkpoint(meta_state, params, out_dir, n_shards,

@@ -138,3 +138,22 @@ def test_a_presigned_url_reaches_neither_mlflow_nor_prefect(tmp_path, prefect_ha
     for f in (tmp_path / "ws").rglob("*"):
         if f.is_file() and f.suffix in {".json", ".yaml", ".txt", ".jsonl"}:
             assert "TOPSECRET42" not in f.read_text(errors="ignore"), f
+
+
+def test_multirun_gives_one_parent_run_per_combination_sharing_upstream(first, workdir, capsys):
+    from pipelines.cli import main
+    from pipelines.demo import serve_directory
+
+    with serve_directory(workdir / "demo-source") as url:
+        assert main(["run", "-m", "recipe=demo", f"workdir={workdir}", f"source.url={url}",
+                     "stages=[download,convert]", "convert.dtype=float32,bfloat16"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("== multirun") == 2
+    client = _client(workdir)
+    exp = client.get_experiment_by_name("llamaflow").experiment_id
+    parents = client.search_runs([exp], "tags.`llamaflow.overrides` LIKE '%convert.dtype=%'")
+    assert sorted(p.data.tags["llamaflow.overrides"].split()[-1] for p in parents) == \
+        ["convert.dtype=bfloat16", "convert.dtype=float32"]
+    latest = json.loads((workdir / "latest.json").read_text())["stages"]
+    assert latest["download"]["cache"] == "hit"            # shared upstream, not recomputed
+    assert latest["convert"]["cache"] == "miss"            # bfloat16 is new

@@ -21,7 +21,7 @@ import pydantic
 
 from steps.meta import (MetaFormatError, MetaParams, meta_to_hf_name, permute, read_checklist,
                         shard_dim)
-from steps.safetensors_io import StreamingSafetensorsWriter, parse_size
+from steps.safetensors_io import StreamingSafetensorsWriter
 
 log = logging.getLogger(__name__)
 
@@ -162,12 +162,13 @@ def convert_meta_to_hf(meta_dir: Path, out_dir: Path, dtype: str = "bfloat16",
     tokenizer.model and HF tokenizer files."""
     import torch
     from transformers import GenerationConfig
+    from transformers.utils.hub import convert_file_size_to_int
 
     from steps.tokenizer import save_hf_tokenizer
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose one of {DTYPES}")
-    max_bytes = parse_size(max_shard_size)
+    max_bytes = convert_file_size_to_int(max_shard_size)
     meta_dir, out_dir = Path(meta_dir), Path(out_dir)
     params, files, vocab, shapes = plan(meta_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -214,10 +215,10 @@ def run(config: Config, out_dir: Path, *, on_metrics=None, meta: Path) -> dict:
     v = check_model(out_dir)
     cfg = json.loads((Path(out_dir) / "config.json").read_text())
     special = _special_ids(Path(out_dir))
-    size = sum(f.stat().st_size for f in Path(out_dir).glob("*.safetensors"))
-    n_params, n_tensors = _count(out_dir)
-    return {"seconds": seconds, "bytes": size, "MB_per_s": size / 1e6 / max(seconds, 1e-9),
-            "params": n_params, "tensors": n_tensors, "vocab_size": v.embed_rows,
+    files = sum(f.stat().st_size for f in Path(out_dir).glob("*.safetensors"))
+    n_params, n_tensors, size = _count(out_dir)
+    return {"seconds": seconds, "bytes": size, "file_bytes": files,
+            "MB_per_s": size / 1e6 / max(seconds, 1e-9), "params": n_params, "tensors": n_tensors, "vocab_size": v.embed_rows,
             "n_layers": cfg["num_hidden_layers"], "hidden_size": cfg["hidden_size"],
             "n_shards_in": len(list(Path(meta).glob("consolidated.*.pth"))),
             "unk_id": special["unk"], "bos_id": special["bos"], "eos_id": special["eos"]}
@@ -238,17 +239,21 @@ def _special_ids(model_dir: Path) -> dict[str, int]:
     return ids
 
 
-def _count(model_dir: Path) -> tuple[int, int]:
-    """(parameters, tensors) from the safetensors headers."""
+def _count(model_dir: Path) -> tuple[int, int, int]:
+    """(parameters, tensors, weight bytes) from the safetensors headers."""
     from safetensors import safe_open
 
-    n = t = 0
+    from steps.safetensors_io import ITEMSIZE, ST_DTYPES
+
+    n = t = b = 0
     for f in Path(model_dir).glob("*.safetensors"):
         with safe_open(str(f), framework="pt") as st:
             for k in st.keys():
+                sl = st.get_slice(k)
                 c = 1
-                for s in st.get_slice(k).get_shape():
+                for s in sl.get_shape():
                     c *= s
                 n += c
                 t += 1
-    return n, t
+                b += c * ITEMSIZE[ST_DTYPES[sl.get_dtype()]]
+    return n, t, b

@@ -144,3 +144,34 @@ def test_untied_classifier_is_read_from_the_file(stories, tmp_path):
     assert torch.equal(sd["output.weight"], torch.from_numpy(wcls.reshape(512, 64)))
     assert not torch.equal(sd["output.weight"], sd["tok_embeddings.weight"])
     assert json.loads((meta / "params.json").read_text())["vocab_size"] == 512
+
+
+def test_per_story_perplexity_with_hf_model(converted, shared_data, stories, capsys):
+    """Mean NLL computed here with the HF model alone: each story (split on <|endoftext|>) gets a
+    BOS, is tokenized with tok512.model and scored in windows of at most 512 tokens (the model's
+    max_seq_len), every token after BOS exactly once."""
+    import math
+
+    import sentencepiece as spm
+    from transformers import LlamaForCausalLM
+
+    _, hf = converted
+    sp = spm.SentencePieceProcessor(model_file=str(stories / "tok512.model"))
+    text = (shared_data / "eval/tinystories/tinystories_sample.txt").read_text(encoding="utf-8")
+    docs = [s.strip() for s in text.split("<|endoftext|>") if s.strip()]
+    model = LlamaForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    nll, n = 0.0, 0
+    for doc in docs:
+        ids = [1] + sp.encode(doc)
+        for start in range(0, len(ids) - 1, 511):  # next window starts at the last scored token
+            w = torch.tensor([ids[start:start + 512]])
+            with torch.no_grad():
+                logits = model(w).logits[0, :-1]
+            nll += torch.nn.functional.cross_entropy(logits, w[0, 1:], reduction="sum").item()
+            n += w.shape[1] - 1
+    ppl = math.exp(nll / n)
+    with capsys.disabled():
+        print(f"\nstories260K HF fp32, {len(docs)} stories, {n} tokens: mean NLL {nll / n:.4f}, "
+              f"perplexity {ppl:.3f}")
+    assert (len(docs), n) == (5, 1804)  # the data README's count
+    assert ppl < 5, ppl  # measured 3.548; near-uniform (untrained) weights give ~512

@@ -28,7 +28,6 @@ import json
 import math
 import re
 import shutil
-import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ from pydantic import ConfigDict
 
 from steps import MetricsCallback
 from steps.checks import VocabMismatch, check_adapter, check_model, tokenizer_size
+from steps.safetensors_io import ST_DTYPES, StreamingSafetensorsWriter
 
 VERSION = "1"
 
@@ -64,11 +64,6 @@ class Config(pydantic.BaseModel):
 DATA_FIELDS: tuple[str, ...] = ()
 
 # safetensors dtype names <-> torch dtypes (the header format spells them this way)
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-              "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-              "BOOL": "bool"}
-_ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4,
-             "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
 _PEFT_PREFIX = "base_model.model."
 # Rows of these tensors are the vocabulary: an adapter may grow them, never change their width.
 _VOCAB_TENSORS = ("embed_tokens.weight", "lm_head.weight")
@@ -262,7 +257,7 @@ def read_base_index(base_dir: Path) -> list[BaseTensor]:
         with safe_open(str(f), framework="pt") as st:
             for name in st.keys():
                 sl = st.get_slice(name)
-                tensors.append(BaseTensor(name, f, tuple(sl.get_shape()), _ST_DTYPES[sl.get_dtype()]))
+                tensors.append(BaseTensor(name, f, tuple(sl.get_shape()), ST_DTYPES[sl.get_dtype()]))
     names = [t.name for t in tensors]
     if len(names) != len(set(names)):
         raise MergeError(f"{base_dir}: a tensor name appears in more than one shard")
@@ -381,84 +376,6 @@ def plan_merge(base_dir: Path, adapters: list[Adapter], check_base_digest: bool 
         raise VocabMismatch(f"{tok_dir}: the tokenizer the merged model would ship has {tok_len} "
                             f"tokens but the merged embeddings only {rows} rows")
     return Plan(base, shapes, rows, tok_dir, n_lora, n_replace)
-
-
-# --------------------------------------------------------------------------------------------
-# Streaming safetensors writer
-# --------------------------------------------------------------------------------------------
-
-_TORCH_TO_ST = {v: k for k, v in _ST_DTYPES.items()}
-
-
-class StreamingSafetensorsWriter:
-    """Writes tensors one at a time into pre-planned safetensors shards.
-
-    safetensors.torch.save_file needs a whole shard in memory; with every name, shape and dtype
-    known up front (the plan) the header can be written first and each tensor's bytes appended as
-    it is produced, so peak memory is one tensor. The files are plain safetensors (8-byte little-
-    endian header length, JSON header with data_offsets, 8-byte aligned, then the raw buffer)
-    and are read back with safe_open in the tests."""
-
-    def __init__(self, out_dir: Path, specs: list[tuple[str, tuple[int, ...], str]],
-                 max_shard_bytes: int):
-        self.out_dir = Path(out_dir)
-        shards: list[list[tuple[str, tuple[int, ...], str]]] = [[]]
-        size = 0
-        for spec in specs:
-            n = math.prod(spec[1]) * _ITEMSIZE[spec[2]]
-            if shards[-1] and size + n > max_shard_bytes:
-                shards.append([])
-                size = 0
-            shards[-1].append(spec)
-            size += n
-        total = len(shards)
-        self.files = ["model.safetensors"] if total == 1 else [
-            f"model-{i + 1:05d}-of-{total:05d}.safetensors" for i in range(total)]
-        self.shards = shards
-        self.total_size = sum(math.prod(s[1]) * _ITEMSIZE[s[2]] for s in specs)
-        self._queue = [(i, spec) for i, shard in enumerate(shards) for spec in shard]
-        self._pos = 0
-        self._fh = None
-        self._shard = -1
-
-    def _open(self, i: int) -> None:
-        if self._fh:
-            self._fh.close()
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for name, shape, dtype in self.shards[i]:
-            n = math.prod(shape) * _ITEMSIZE[dtype]
-            header[name] = {"dtype": _TORCH_TO_ST[dtype], "shape": list(shape),
-                            "data_offsets": [offset, offset + n]}
-            offset += n
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        self._fh = open(self.out_dir / self.files[i], "wb")
-        self._fh.write(struct.pack("<Q", len(raw)) + raw)
-        self._shard = i
-
-    def write(self, name: str, tensor) -> None:
-        import torch
-
-        shard, (want, shape, dtype) = self._queue[self._pos]
-        if name != want or tuple(tensor.shape) != tuple(shape) or str(tensor.dtype) != f"torch.{dtype}":
-            raise RuntimeError(f"writer expected {want} {shape} {dtype}, got {name} "
-                               f"{tuple(tensor.shape)} {tensor.dtype} (plan and merge disagree)")
-        if shard != self._shard:
-            self._open(shard)
-        self._fh.write(tensor.contiguous().view(torch.uint8).numpy().data)
-        self._pos += 1
-
-    def close(self) -> list[Path]:
-        if self._pos != len(self._queue):
-            raise RuntimeError(f"writer closed after {self._pos} of {len(self._queue)} tensors")
-        if self._fh:
-            self._fh.close()
-        if len(self.files) > 1:
-            weight_map = {name: self.files[i] for i, shard in enumerate(self.shards)
-                          for name, _, _ in shard}
-            (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}, indent=2))
-        return [self.out_dir / f for f in self.files]
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from pipelines.artifacts import Artifact, HashCache, Store, cache_key
+from pipelines.remote import RemoteStore
 from pipelines.tracking import Tracker, git_commit, redact
 
 STAGES = ["download", "convert", "vocab", "pretrain", "sft", "merge", "quantize", "evaluate"]
@@ -71,6 +72,8 @@ class LifecycleRun:
         self.workdir = Path(cfg["workdir"]).resolve()
         self.store = Store(self.workdir / "artifacts")
         self.hashes = HashCache(self.workdir / "hashcache.json")
+        remote = (cfg.get("storage") or {}).get("remote")  # a shared cache in a bucket, if set
+        self.remote = RemoteStore(remote) if remote else None
         self.tracker = tracker
         self.parent_run_id = parent_run_id
         selected = [s for s in STAGES if s in cfg.get("stages", STAGES)]
@@ -189,6 +192,10 @@ def _run_stage(run: LifecycleRun, name: str, label: str, group: str, extra: dict
     selected = group in run.selected
     forced = group in run.force
     hit = None if forced else run.store.lookup(name, key)
+    cache = "hit" if hit else "miss"
+    if hit is None and not forced and run.remote is not None and \
+            run.remote.fetch(name, key, run.store.final_dir(name, key)):
+        hit, cache = run.store.lookup(name, key), "hit-remote"
     if hit is None and not selected:
         raise StageNotCached(
             f"stage `{label}` is not selected (stages/--from) and has no cached artifact for this "
@@ -196,7 +203,7 @@ def _run_stage(run: LifecycleRun, name: str, label: str, group: str, extra: dict
             "or without --from")
 
     tags = {"llamaflow.stage": name, "llamaflow.label": label, "llamaflow.cache_key": key,
-            "llamaflow.cache": "hit" if hit else "miss", "llamaflow.stage_version": module.VERSION,
+            "llamaflow.cache": cache, "llamaflow.stage_version": module.VERSION,
             "llamaflow.input_digests": json.dumps(input_digests)[:5000], "git_commit": git_commit()}
     run_id = run.tracker.start_run(label, parent=run.parent_run_id, tags=tags)
     run.tracker.log_params(run_id, key_cfg)
@@ -233,6 +240,11 @@ def _run_stage(run: LifecycleRun, name: str, label: str, group: str, extra: dict
         finally:
             if monitor is not None:
                 monitor.finish()
+    if run.remote is not None and cache != "hit-remote":  # share it (a no-op when the bucket has it)
+        try:
+            run.remote.push(artifact)
+        except Exception as e:  # the local result stands; other workers just don't get it yet
+            log.warning("%s: push to %s failed: %s", label, run.remote.url, redact(str(e)))
     seconds = time.time() - t0
     size = sum(f["size"] for f in artifact.manifest["files"])
     run.tracker.log_metrics(run_id, {**metrics, "stage_seconds": seconds, "artifact_bytes": size,
@@ -243,7 +255,7 @@ def _run_stage(run: LifecycleRun, name: str, label: str, group: str, extra: dict
     _log_small_files(run, run_id, artifact)
     run.tracker.end_run(run_id)
     run.results[label] = {"stage": name, "artifact": str(artifact.path), "key": key,
-                          "digest": artifact.digest, "cache": "hit" if hit else "miss",
+                          "digest": artifact.digest, "cache": cache,
                           "mlflow_run_id": run_id, "seconds": round(seconds, 3)}
     run.write_latest()
     return artifact

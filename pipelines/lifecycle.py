@@ -72,7 +72,11 @@ def lifecycle(overrides: list[str] | None = None, from_stage: str | None = None)
         create_link_artifact(link=tracker.run_url(parent), link_text="MLflow run",
                              key="mlflow-run", description="The MLflow parent run of this flow run")
 
-    run = LifecycleRun(cfg, tracker, parent, from_stage=from_stage)
+    try:
+        run = LifecycleRun(cfg, tracker, parent, from_stage=from_stage)
+    except BaseException:  # a bad stage list or an unreachable bucket: the parent run failed too
+        tracker.end_run(parent, "FAILED")
+        raise
     status = "FAILED"
     try:
         lifecycle_steps(run)
@@ -113,7 +117,7 @@ def _summarise(run: LifecycleRun, tracker: Tracker, parent: str) -> None:
     rows = [{"stage": label, **{k: r[k] for k in ("cache", "seconds", "digest", "artifact")}}
             for label, r in run.results.items()]
     tracker.log_table(parent, rows, "stages.json")
-    hits = sum(r["cache"] == "hit" for r in run.results.values())
+    hits = sum(r["cache"].startswith("hit") for r in run.results.values())
     tracker.log_metrics(parent, {"stages_run": len(rows) - hits, "stages_cached": hits})
     md = ["| stage | cache | seconds | digest | artifact |", "|---|---|---|---|---|"]
     md += [f"| {r['stage']} | {r['cache']} | {r['seconds']:.1f} | `{r['digest'][:12]}` | "

@@ -22,18 +22,6 @@ ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8,
 Spec = tuple[str, tuple[int, ...], str]   # (name, shape, torch dtype name e.g. "bfloat16")
 
 
-def parse_size(size: str | int) -> int:
-    """"2GB" / "500MB" / "10KB" / bytes → bytes (decimal units, as transformers reads them)."""
-    if isinstance(size, int):
-        return size
-    s = size.strip().upper()
-    for unit, mult in (("GIB", 2**30), ("MIB", 2**20), ("KIB", 2**10), ("GB", 10**9),
-                       ("MB", 10**6), ("KB", 10**3), ("B", 1)):
-        if s.endswith(unit):
-            return int(float(s[: -len(unit)]) * mult)
-    return int(s)
-
-
 class StreamingSafetensorsWriter:
     """Writes tensors, in the planned order, into pre-planned shards of at most max_shard_bytes
     (`model.safetensors`, or `model-0000k-of-0000n.safetensors` + index as transformers names

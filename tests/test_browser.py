@@ -1,7 +1,7 @@
 """A real browser on the real UIs: headless Chromium (Debian's `chromium`, driven by Playwright's
 Python package) opens the MLflow UI and the Prefect UI of the demo run served on 127.0.0.1
 (tests/conftest.py: demo_servers), checks that the parent run with its nested stage runs and the
-flow run with its task runs are shown, and saves screenshots to docs/img/ (used by the README):
+flow run with its task runs are shown, and saves screenshots (to docs/img/ with LLAMAFLOW_SCREENSHOTS=docs/img; the README uses them):
 
     docs/img/mlflow-nested-runs.png    MLflow: the lifecycle parent run, its stage runs nested
     docs/img/prefect-flow-run.png      Prefect: the lifecycle flow run with its task runs
@@ -13,12 +13,15 @@ import json
 import os
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-IMG = REPO / "docs" / "img"
+# Screenshots land in a temp folder; LLAMAFLOW_SCREENSHOTS=docs/img refreshes the README's copies
+# (a test run must not rewrite tracked files).
+IMG = Path(os.environ.get("LLAMAFLOW_SCREENSHOTS") or tempfile.mkdtemp(prefix="llamaflow-shots-"))
 CHROMIUM = os.environ.get("LLAMAFLOW_CHROMIUM", "/usr/bin/chromium")
 LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                "--disable-component-update", "--disable-sync", "--no-first-run"]

@@ -267,7 +267,8 @@ def _log_small_files(run: LifecycleRun, run_id: str, artifact: Artifact) -> None
     log_all = run.cfg.get("tracking", {}).get("log_model_artifacts", False)
     for f in artifact.manifest["files"]:
         p = artifact.path / f["path"]
-        small = f["size"] <= 2 << 20 and p.suffix in {".json", ".jsonl", ".md", ".png", ".txt", ".yaml"}
+        small = f["size"] <= 2 << 20 and p.suffix in {".json", ".jsonl", ".md", ".png", ".txt", ".yaml",
+                                                       ".model"}  # .model: the SentencePiece tokenizer
         if small or log_all:
             run.tracker.log_file(run_id, p, str(Path(f["path"]).parent) if "/" in f["path"] else None)
         if p.name == "generations.jsonl":  # a table in the MLflow UI, for human review

@@ -27,7 +27,7 @@ def hf(tiny_hf_model):
 
 @pytest.fixture(scope="module")
 def gguf_f32(tiny_hf_model, tmp_path_factory):
-    pytest.importorskip("llama_cpp")
+    import llama_cpp  # noqa: F401  (a dev dependency: must be installed)
     from steps.quantize import export_gguf
 
     return export_gguf(tiny_hf_model, tmp_path_factory.mktemp("gguf") / "tiny-f32.gguf", "f32")

@@ -1,7 +1,6 @@
 """The whole flow on the demo model: cache hits and misses, reruns, MLflow runs, latest.json,
 atomic failure, secrets. One real Prefect server (session harness), SQLite MLflow in tmp."""
 import json
-import sqlite3
 
 import pytest
 from mlflow import MlflowClient

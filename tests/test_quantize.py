@@ -239,11 +239,9 @@ def test_perplexity_parity_on_tiny_model(exports, tiny_hf_model, tmp_path):
 @pytest.fixture(scope="module")
 def stories260k(shared_data, tmp_path_factory) -> Path:
     """Karpathy's trained stories260K (dim 64, 5 layers, GQA 8/4, vocab 512) as an fp32 HF model."""
-    try:
-        from steps.convert import convert_meta_to_hf
-        from steps.llama2c import import_llama2c
-    except ImportError as e:
-        pytest.skip(f"needs steps.llama2c / steps.convert (another stage's files): {e}")
+    from steps.convert import convert_meta_to_hf
+    from steps.llama2c import import_llama2c
+
     d = shared_data / "models" / "stories260K"
     tmp = tmp_path_factory.mktemp("stories260K")
     meta = import_llama2c(d / "stories260K.bin", d / "tok512.model", tmp / "meta")

@@ -18,7 +18,7 @@ QTYPES = ("f32", "f16", "q4_0")
 @pytest.fixture(scope="module")
 def evaluated(tiny_hf_model, tmp_path_factory):
     """evaluate.run on the tiny HF model and its GGUFs (from the quantize stage's exporter)."""
-    pytest.importorskip("llama_cpp")
+    import llama_cpp  # noqa: F401  (a dev dependency: must be installed)
     from steps.quantize import export_gguf, quantize_gguf
 
     root = tmp_path_factory.mktemp("evaluated")

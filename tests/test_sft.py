@@ -4,7 +4,6 @@ on top of a pre-training adapter ([PAD] added: adapter rows = tokenizer length).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -8,7 +8,6 @@ import time
 import pytest
 import sentencepiece as spm
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 

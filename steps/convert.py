@@ -5,8 +5,9 @@ shard fully, wrote the model twice and needed ~2x the model in RAM (pain point P
 the shards (torch.load(mmap=True, weights_only=True): they are untrusted pickles) and streams:
 for each output tensor it concatenates the model-parallel pieces along the right dim, permutes
 q/k into HF's rotary order, casts, and appends the bytes to a pre-planned safetensors shard.
-The shards are re-mapped per layer so that pages already read leave the process (peak memory is
-about one layer, not the checkpoint).
+Each tensor's mapped pages are dropped (madvise DONTNEED) once written, or, where madvise is
+unavailable, the shards are re-mapped per layer, so peak memory is about one layer, not the
+checkpoint (bench/convert.py measures it).
 """
 from __future__ import annotations
 

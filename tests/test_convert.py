@@ -170,6 +170,17 @@ def test_shard_with_wrong_shape(tmp_path, tiny_sp_model):
     _assert_fails_clean(meta, tmp_path / "out", r"layers\.1\.feed_forward\.w2\.weight has shape")
 
 
+@pytest.mark.parametrize("damage", ["truncated", "html"])
+def test_unreadable_shard(tmp_path, tiny_sp_model, damage):
+    meta = _meta(tmp_path, tiny_sp_model)
+    shard = meta / "consolidated.01.pth"
+    raw = shard.read_bytes()
+    shard.write_bytes(raw[: len(raw) // 2] if damage == "truncated" else
+                      b"<html><body>403 Forbidden</body></html>")
+    _assert_fails_clean(meta, tmp_path / "out",
+                        r"consolidated\.01\.pth: not a readable PyTorch weights file")
+
+
 @pytest.mark.parametrize("vocab_field", [-1, 300])
 def test_tokenizer_with_more_pieces_than_rows(tmp_path, tiny_sp_model, vocab_field):
     # 300 embedding rows, a 320-piece tokenizer: ids 300..319 would index past the embedding.

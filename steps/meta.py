@@ -131,6 +131,11 @@ class MetaParams:
         return self.dim // self.n_heads
 
     @property
+    def kv_dim(self) -> int:
+        """Rows of wk / wv: n_kv_heads x head_dim (= dim without GQA)."""
+        return self.kv_heads * self.head_dim
+
+    @property
     def ffn_dim(self) -> int:
         return ffn_hidden_dim(self.dim, self.multiple_of, self.ffn_dim_multiplier)
 
@@ -143,7 +148,7 @@ class MetaParams:
 
     def shapes(self, vocab: int) -> dict[str, tuple[int, ...]]:
         """Full (unsharded) shape of every tensor, Meta names."""
-        kv, f = self.kv_heads * self.head_dim, self.ffn_dim
+        kv, f = self.kv_dim, self.ffn_dim
         out = {"tok_embeddings.weight": (vocab, self.dim), "norm.weight": (self.dim,),
                "output.weight": (vocab, self.dim)}
         per = {"attention.wq.weight": (self.dim, self.dim), "attention.wk.weight": (kv, self.dim),

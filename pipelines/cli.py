@@ -14,8 +14,11 @@ import re
 import sys
 from pathlib import Path
 
-STAGES = ["download", "convert", "vocab", "pretrain", "sft", "merge", "quantize", "evaluate"]
-_URL_OVERRIDE = re.compile(r"^(?P<key>[\w.]*url)=(?P<url>https?://(?P<host>[^/\s]*)\S*)$")
+from pipelines.config import STAGES
+
+# `source.url=https://...` or, quoted as Hydra needs when the URL holds `=`, `source.url='https://...'`
+_URL_OVERRIDE = re.compile(
+    r"""^(?P<key>[\w.]*url)=(?P<q>['"]?)(?P<url>https?://(?P<host>[^/\s'"]*)[^\s'"]*)(?P=q)$""")
 
 
 def _workdir(overrides: list[str]) -> Path:

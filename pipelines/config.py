@@ -14,6 +14,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
+STAGES = ["download", "convert", "vocab", "pretrain", "sft", "merge", "quantize", "evaluate"]
 CONF_DIR = Path(os.environ.get("LLAMAFLOW_CONF_DIR", REPO / "conf"))
 
 

@@ -16,7 +16,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from pipelines.config import load_config, to_yaml
 from pipelines.runner import LifecycleRun
-from pipelines.tracking import Tracker, flatten, git_commit
+from pipelines.tracking import Tracker, flatten, git_commit, redact
 
 
 def lifecycle_steps(run: LifecycleRun) -> None:
@@ -66,7 +66,7 @@ def lifecycle(overrides: list[str] | None = None, from_stage: str | None = None)
         "llamaflow.overrides": " ".join(overrides), "llamaflow.from_stage": from_stage or ""})
     tracker.log_params(parent, {"overrides": overrides, **flatten(
         {k: v for k, v in cfg.items() if k not in {"workdir"}})})
-    tracker.log_text(parent, to_yaml(cfg), "config.yaml")
+    tracker.log_text(parent, redact(to_yaml(cfg)), "config.yaml")
     log.info("MLflow parent run %s (%s); workspace %s", parent, tracker.uri, workdir)
     if os.environ.get("PREFECT_API_URL"):
         create_link_artifact(link=tracker.run_url(parent), link_text="MLflow run",

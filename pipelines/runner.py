@@ -21,10 +21,10 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from pipelines.artifacts import Artifact, HashCache, Store, cache_key
+from pipelines.config import STAGES
 from pipelines.remote import RemoteStore
 from pipelines.tracking import Tracker, git_commit, redact
 
-STAGES = ["download", "convert", "vocab", "pretrain", "sft", "merge", "quantize", "evaluate"]
 # Hydra keys under a stage's section that steer the flow rather than the step (e.g. which quant
 # types to make); they are not passed to the step's Config.
 FLOW_KEYS = {"quantize": {"types"}, "evaluate": {"models"}}
@@ -136,6 +136,14 @@ def _digests(x):
     return x
 
 
+def _redact_strings(x):
+    if isinstance(x, dict):
+        return {k: _redact_strings(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_redact_strings(v) for v in x]
+    return redact(x) if isinstance(x, str) else x
+
+
 def _missing(d, prefix: str = "") -> list[str]:
     """Dotted keys whose value is Hydra's mandatory marker ??? (left unresolved)."""
     out = []
@@ -174,12 +182,19 @@ def _step_config(run: LifecycleRun, name: str, extra: dict):
         config = module.Config(**raw)
     except Exception as e:  # pydantic's message names the field; add where it comes from
         raise ValueError(f"invalid `{name}` config (conf/{name}/ and your overrides): {e}") from e
-    key_cfg = json.loads(json.dumps(config.model_dump(mode="json"), default=str))
+    # A step may say how it is shown (public_config: e.g. a URL from url_env, redacted).
+    public = getattr(module, "public_config", None)
+    key_cfg = json.loads(json.dumps(public(config) if public else config.model_dump(mode="json"),
+                                    default=str))
     for key in data:
         _set(key_cfg, key, [f"sha256:{d}" for d in data[key]])
-    for k in getattr(module, "CACHE_EXCLUDE", ()):
-        key_cfg.pop(k, None)
-    key_cfg = json.loads(redact(json.dumps(key_cfg)))
+    for dotted in getattr(module, "CACHE_EXCLUDE", ()):  # knobs that never change the output
+        parent, _, leaf = dotted.rpartition(".")
+        found = _get(key_cfg, parent) if parent else [("", key_cfg)]
+        node = found[0][1] if found else None
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    key_cfg = _redact_strings(key_cfg)
     return module, config, key_cfg, data
 
 

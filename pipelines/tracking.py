@@ -23,14 +23,16 @@ log = logging.getLogger(__name__)
 
 PARAM_MAX = 6000          # MLflow's limit on a param value
 BATCH = 100               # params per log_batch call
-SECRET_QUERY = re.compile(r"(https?://)([^/@\s]+@)?([^\s?#]*)(\?[^\s#]*)?")
+URL = re.compile(r"https?://[^\s'\"<>]+")
 
 
 def redact(value):
-    """Strip userinfo and query strings (signatures, tokens) from every URL in a string."""
+    """Every URL in a string without userinfo, query string and fragment (signatures, tokens):
+    the same rule the download stage applies to its own logs."""
+    from steps.download import redact as redact_url
+
     if isinstance(value, str):
-        return SECRET_QUERY.sub(lambda m: m.group(1) + m.group(3) + ("?<redacted>" if m.group(4) else ""),
-                                value)
+        return URL.sub(lambda m: redact_url(m.group(0)), value)
     return value
 
 

@@ -181,7 +181,10 @@ class Config(BaseModel):
 
 # Dotted paths into Config naming user files (hashed into the cache key); a path the active source
 # lacks is skipped.
-DATA_FIELDS = ("source.path", "source.bin_path", "source.tokenizer_model")
+DATA_FIELDS = ("source.bin_path", "source.tokenizer_model")
+# A local source is keyed by what it holds (public_config), not by hashing its whole folder: a
+# Meta download root holds every model size, hundreds of GB.
+CACHE_EXCLUDE = ("workers", "retries")  # how fast, not what
 
 
 def public_config(config: Config) -> dict:
@@ -192,7 +195,29 @@ def public_config(config: Config) -> dict:
     if isinstance(src, UrlSource) and src.url is None:
         raw = os.environ.get(src.url_env or "", "")
         data["source"]["url"] = redact(raw) if raw else None
+    if isinstance(src, LocalSource):
+        data["source"]["content"] = _local_content_digest(src)
     return data
+
+
+def _local_content_digest(src: "LocalSource") -> str:
+    """What a local source holds: the sha256 of its checklists (md5 of every shard, params.json
+    and tokenizer.model), or of the model folder's files when it has none."""
+    root = Path(src.path).expanduser()
+    model = root / src.model_dir
+    h = hashlib.sha256()
+    lists = [p for p in (model / "checklist.chk", root / "tokenizer_checklist.chk",
+                         model / "tokenizer_checklist.chk") if p.is_file()]
+    if lists:
+        files = lists
+    else:
+        files = sorted(p for p in model.iterdir() if p.is_file()) if model.is_dir() else []
+    for p in files:
+        h.update(p.name.encode() + b"\0")
+        with open(p, "rb") as f:
+            while chunk := f.read(8 << 20):
+                h.update(chunk)
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- verification
@@ -885,10 +910,21 @@ def download(source: Source | dict, dest: Path, *, workers: int = 4, retries: in
                      verify=verify)[0]
 
 
-def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = None) -> dict:
+def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = None,
+        resume_dir: Path | None = None) -> dict:
+    """Download and verify into `resume_dir` (kept across attempts, so a retried or rerun stage
+    resumes its .part files instead of starting over), then move the verified files into
+    `out_dir`; without resume_dir, straight into out_dir."""
     out_dir = Path(out_dir)
-    _, metrics = _download(config.source, out_dir, workers=config.workers, retries=config.retries,
+    work = Path(resume_dir) if resume_dir is not None else out_dir
+    work.mkdir(parents=True, exist_ok=True)
+    _, metrics = _download(config.source, work, workers=config.workers, retries=config.retries,
                            progress=True, verify=config.verify, on_metrics=on_metrics)
-    for leftover in out_dir.glob("*.corrupt"):  # the artifact holds only verified files
+    for leftover in work.glob("*.corrupt"):  # the artifact holds only verified files
         leftover.unlink()
+    if work != out_dir:
+        for f in sorted(p for p in work.rglob("*") if p.is_file()):
+            dest = out_dir / f.relative_to(work)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(f, dest)
     return metrics

@@ -1,4 +1,4 @@
-"""Streaming safetensors writing, shared by convert, vocab and merge.
+"""Streaming safetensors writing, shared by convert and merge.
 
 safetensors.torch.save_file needs a whole shard in memory. When every tensor's name, shape and
 dtype is known up front, the header can be written first and each tensor's bytes appended as it

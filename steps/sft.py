@@ -64,6 +64,9 @@ class Config(TrainConfig):
 
 
 DATA_FIELDS = ("data", "validation_data")
+# Checkpointing and the launcher timeout change neither the adapter nor its log (resume is
+# bitwise exact), so a longer timeout resumes the same run instead of starting a new key.
+CACHE_EXCLUDE = ("save_every", "save_total_limit", "launcher.timeout_s")
 
 
 # ----------------------------------------------------------------------------- data

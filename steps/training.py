@@ -610,7 +610,8 @@ def run_training(stage: str, cfg: TrainConfig, out_dir: Path, *, model_dir: Path
                 "embed_rows": int(model.get_input_embeddings().weight.shape[0]),
                 "lora": cfg.lora.model_dump(), **extra_info}
         fingerprint = hashlib.sha256(json.dumps(
-            {"cfg": cfg.model_dump(exclude={"launcher", "log_every"}), "info": info,
+            {"cfg": cfg.model_dump(exclude={"launcher", "log_every", "save_every", "save_total_limit"}),
+             "info": info,
              "data": extra_info.get("data_digest")}, sort_keys=True, default=str).encode()).hexdigest()
         ckpt_dir = Path(resume_dir) if resume_dir else None
         if ckpt_dir is not None and dist.main:

@@ -436,6 +436,9 @@ def test_hub_offline_mode_and_unset_url_env_are_clear_errors(monkeypatch, tmp_pa
 
 @pytest.mark.parametrize("option", ["local", "url", "hf", "stories260k"])
 def test_conf_source_options_validate(option, monkeypatch):
+    from pipelines.config import _register_resolvers
+
+    _register_resolvers()  # ${shared_data:...} / ${repo:...} in conf/
     monkeypatch.chdir(REPO)
     cfg = OmegaConf.create({
         "model": {"n_shards": 2, "meta_dir": "7B"},

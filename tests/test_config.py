@@ -47,3 +47,49 @@ def test_presigned_url_on_the_command_line_moves_to_the_environment(monkeypatch)
     assert os.environ["LLAMAFLOW_SOURCE_URL"] == url
     plain = "source.url=http://127.0.0.1:8000/"
     assert _hide_secrets([plain]) == [plain]
+
+
+def test_a_quoted_presigned_url_is_caught_too(monkeypatch):
+    monkeypatch.delenv("LLAMAFLOW_SOURCE_URL", raising=False)
+    out = _hide_secrets(["source.url='https://h.example/*?Policy=a=&Signature=SECRET'"])
+    assert out == ["source.url=null", "source.url_env=LLAMAFLOW_SOURCE_URL"]
+
+
+class _Run:
+    """What runner._step_config reads of a lifecycle run."""
+    def __init__(self, cfg, tmp_path):
+        from pipelines.artifacts import HashCache
+
+        self.cfg, self.hashes = cfg, HashCache(tmp_path / "hc.json")
+
+
+def test_cache_key_config_ignores_speed_knobs_but_not_results(tmp_path):
+    from pipelines.runner import _step_config
+
+    def key_cfg(*overrides, extra=None):
+        return _step_config(_Run(load_config(["recipe=demo", *overrides]), tmp_path),
+                            "quantize", extra or {"qtype": "q4_0"})[2]
+
+    assert key_cfg("quantize.nthread=0") == key_cfg("quantize.nthread=2")
+    assert key_cfg() != key_cfg(extra={"qtype": "q8_0"})
+    assert key_cfg() != key_cfg("quantize.pure=true")
+    pt = lambda *o: _step_config(_Run(load_config(["recipe=demo", *o]), tmp_path), "pretrain", {})[2]
+    assert pt("pretrain.launcher.timeout_s=60") == pt("pretrain.launcher.timeout_s=600")
+    assert pt("pretrain.save_every=3") == pt("pretrain.save_every=7")
+    assert pt("pretrain.lora.r=4") != pt()
+
+
+def test_a_local_source_is_keyed_by_its_checklists_not_its_whole_folder(tmp_path):
+    from pipelines.runner import _step_config
+
+    root = tmp_path / "llama"
+    (root / "7B").mkdir(parents=True)
+    (root / "7B" / "checklist.chk").write_text("0" * 32 + "  consolidated.00.pth\n")
+    (root / "tokenizer_checklist.chk").write_text("1" * 32 + "  tokenizer.model\n")
+    cfg = lambda: load_config(["model=llama-7b", "source=local", f"source.path={root}"])
+    before = _step_config(_Run(cfg(), tmp_path), "download", {})[2]
+    (root / "13B").mkdir()
+    (root / "13B" / "consolidated.00.pth").write_bytes(b"x" * 1000)  # another size beside it
+    assert _step_config(_Run(cfg(), tmp_path), "download", {})[2] == before
+    (root / "7B" / "checklist.chk").write_text("2" * 32 + "  consolidated.00.pth\n")
+    assert _step_config(_Run(cfg(), tmp_path), "download", {})[2] != before

@@ -39,6 +39,7 @@ from pydantic import ConfigDict
 from steps import MetricsCallback
 from steps.checks import VocabMismatch, check_adapter, check_model, tokenizer_size
 from steps.safetensors_io import ST_DTYPES, StreamingSafetensorsWriter
+from steps.tokenizer import TOKENIZER_FILES
 
 VERSION = "1"
 
@@ -67,8 +68,6 @@ DATA_FIELDS: tuple[str, ...] = ()
 _PEFT_PREFIX = "base_model.model."
 # Rows of these tensors are the vocabulary: an adapter may grow them, never change their width.
 _VOCAB_TENSORS = ("embed_tokens.weight", "lm_head.weight")
-_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
 _WEIGHTED = ("linear", "cat", "ties", "dare_linear", "dare_ties")
 
 
@@ -431,7 +430,7 @@ def _write_hf_metadata(base_dir: Path, out_dir: Path, vocab_rows: int, tokenizer
 
 
 def _copy_tokenizer(tokenizer_dir: Path, out_dir: Path) -> None:
-    for f in _TOKENIZER_FILES:
+    for f in TOKENIZER_FILES:
         if (tokenizer_dir / f).is_file():
             shutil.copyfile(tokenizer_dir / f, out_dir / f)
 

@@ -423,7 +423,8 @@ def quantize_gguf(src_gguf: Path, out_path: Path, qtype: str, nthread: int = 0, 
 # stage protocol
 
 
-def _find_gguf(src: Path) -> Path:
+def find_gguf(src: Path) -> Path:
+    """The .gguf `src` names: the file itself, or the one .gguf in a stage's artifact dir."""
     src = Path(src)
     if src.is_file():
         return src
@@ -458,7 +459,7 @@ def run(config: Config, out_dir: Path, *, on_metrics=None, model: Path | None = 
     else:
         if q not in LLAMA_CPP_TYPES:
             raise ValueError(f"quantize: {q} is exported from the HF model; pass model=<HF dir>")
-        source = _find_gguf(Path(gguf))
+        source = find_gguf(Path(gguf))
         quantize_gguf(source, out, q, config.nthread, pure=config.pure)
         method = "llama.cpp"
     seconds = time.time() - t0

@@ -61,12 +61,9 @@ def gguf_size(path: Path) -> dict:
     """{"file_size", "n_params", "bpw"} of a .gguf (or a dir holding exactly one)."""
     import gguf
 
-    path = Path(path)
-    if path.is_dir():
-        found = sorted(path.glob("*.gguf"))
-        if len(found) != 1:
-            raise ValueError(f"{path}: expected exactly one .gguf, found {[f.name for f in found]}")
-        path = found[0]
+    from steps.quantize import find_gguf
+
+    path = find_gguf(Path(path))
     n_params = int(sum(int(t.n_elements) for t in gguf.GGUFReader(path).tensors))
     size = path.stat().st_size
     return {"file_size": size, "n_params": n_params, "bpw": size * 8 / n_params}

@@ -20,6 +20,10 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+# Every file a model or adapter directory may carry for its tokenizer (copied and digested as one).
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
+
 # sentencepiece_model_pb2 piece types
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 

@@ -33,11 +33,11 @@ from typing import Callable, Iterable, Literal
 import pydantic
 from pydantic import ConfigDict, Field
 
+from steps.tokenizer import TOKENIZER_FILES
+
 log = logging.getLogger(__name__)
 
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
 
 
 # ----------------------------------------------------------------------------- configuration

@@ -30,7 +30,8 @@ from typing import Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from steps.tokenizer import NORMAL, UNUSED, USER_DEFINED, load_sp_proto, save_hf_tokenizer
+from steps.tokenizer import (NORMAL, TOKENIZER_FILES, UNUSED, USER_DEFINED, load_sp_proto,
+                             save_hf_tokenizer)
 
 VERSION = "1"
 
@@ -290,8 +291,6 @@ def compare_tokenizers(base_sp: Path, merged_dir: Path, lines: list[str]) -> dic
 # Extending the model
 # --------------------------------------------------------------------------------------------
 
-_TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
 _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
               "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
               "BOOL": "bool"}
@@ -459,7 +458,7 @@ def extend_model(model_dir: Path, tokenizer_dir: Path, out_dir: Path, init: Init
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if (model_dir / "generation_config.json").is_file():
         shutil.copyfile(model_dir / "generation_config.json", out_dir / "generation_config.json")
-    for f in _TOKENIZER_FILES:
+    for f in TOKENIZER_FILES:
         if (tokenizer_dir / f).is_file():
             shutil.copyfile(tokenizer_dir / f, out_dir / f)
     return out_dir

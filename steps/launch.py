@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -27,6 +28,11 @@ log = logging.getLogger(__name__)
 
 class LaunchError(RuntimeError):
     """The training subprocess failed or timed out."""
+
+
+# The last line of a Python traceback, as torchrun's ranks print it ("[rank0]: ValueError: ...").
+# torchrun's own summary, which ends the output, names no cause, so these lines are kept apart.
+_ERROR_LINE = re.compile(r"^(\[rank\d+\]: )?[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b.*:")
 
 
 def torchrun_command(module: str, args: list[str], nproc: int) -> list[str]:
@@ -89,7 +95,7 @@ def launch(cmd: list[str], *, metrics_file: Path | None = None,
 
     threading.Thread(target=reader, daemon=True).start()
     tail = _JsonlTail(metrics_file) if metrics_file is not None else None
-    started, tail_lines, done = time.monotonic(), [], False
+    started, tail_lines, errors, done = time.monotonic(), [], [], False
     logger.info("launching: %s", " ".join(cmd))
 
     def forward() -> None:
@@ -109,6 +115,8 @@ def launch(cmd: list[str], *, metrics_file: Path | None = None,
             elif line:
                 logger.info("%s", line)
                 tail_lines = (tail_lines + [line])[-40:]
+                if _ERROR_LINE.match(line) and "ChildFailedError" not in line:
+                    errors = (errors + [line])[-5:]
             forward()
             if timeout_s is not None and time.monotonic() - started > timeout_s:
                 raise LaunchError(f"{cmd[0]} ... timed out after {timeout_s:.0f} s; process "
@@ -119,5 +127,7 @@ def launch(cmd: list[str], *, metrics_file: Path | None = None,
         _kill_group(proc)
         raise
     if rc != 0:
-        raise LaunchError(f"training subprocess exited with code {rc}; last output:\n" +
+        cause = "".join(f"\n  {e}" for e in dict.fromkeys(errors))
+        raise LaunchError(f"training subprocess exited with code {rc}" +
+                          (f"; errors:{cause}" if cause else "") + "\nlast output:\n" +
                           "\n".join(tail_lines[-20:]))

@@ -54,10 +54,15 @@ class LoraSettings(pydantic.BaseModel):
 
 
 class LauncherSettings(pydantic.BaseModel):
-    """nproc > 1 runs the stage under torchrun (DDP) as a subprocess in its own process group."""
+    """nproc > 1 runs the stage under torchrun as a subprocess in its own process group.
+    strategy ddp: every rank holds the whole model, gradients are all-reduced (DDP).
+    strategy fsdp: torch FSDP2 (`fully_shard` per decoder layer, then the root): parameters,
+    gradients and optimizer state are sharded over the ranks, so a model too big for one GPU
+    trains; always run under torchrun, also with nproc 1."""
     model_config = ConfigDict(extra="forbid")
     nproc: int = Field(1, ge=1)
     backend: Literal["gloo", "nccl"] = "gloo"
+    strategy: Literal["ddp", "fsdp"] = "ddp"
     timeout_s: float | None = None          # kill the process group after this many seconds
 
 
@@ -85,6 +90,13 @@ class TrainConfig(pydantic.BaseModel):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     torch_compile: bool = False
     launcher: LauncherSettings = Field(default_factory=LauncherSettings)
+
+    @pydantic.model_validator(mode="after")
+    def _fsdp_needs_bf16_or_fp32(self):
+        if self.launcher.strategy == "fsdp" and self.precision == "fp16":
+            raise ValueError("launcher.strategy=fsdp trains in bf16 or fp32, not fp16: set "
+                             "precision=bf16 (or auto on a bf16 GPU), or launcher=ddp_gpu")
+        return self
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -143,7 +155,7 @@ def data_files(paths: Iterable[str | Path], suffixes: tuple[str, ...], field: st
 class Dist:
     """This process's place in a torchrun job (world 1 without torchrun)."""
 
-    def __init__(self, backend: str = "gloo"):
+    def __init__(self, backend: str = "gloo", *, group_always: bool = False):
         import torch
         import torch.distributed as dist
 
@@ -155,7 +167,8 @@ class Dist:
             torch.cuda.set_device(self.device)
         else:
             self.device = torch.device("cpu")
-        if self.world > 1 and not dist.is_initialized():
+        # FSDP needs a process group even for one rank (torchrun provides the rendezvous)
+        if (self.world > 1 or group_always) and not dist.is_initialized():
             dist.init_process_group(backend=backend)
 
     @property
@@ -190,7 +203,7 @@ class Dist:
 
     def close(self) -> None:
         import torch.distributed as dist
-        if self.world > 1 and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -261,15 +274,43 @@ def add_lora(model, lora: LoraSettings, *, gradient_checkpointing: bool = False)
 
 
 def trainable_state(model) -> dict:
-    return {n: p.detach().to("cpu", copy=True).contiguous()
+    """The trainable tensors (LoRA A/B, modules_to_save copies), whole and on the CPU. Under FSDP
+    they are DTensor shards and `full_tensor()` all-gathers them: every rank must call this."""
+    if hasattr(model, "reshard"):
+        model.reshard()      # FSDP: the root stays unsharded after a forward without backward
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+            .to("cpu", copy=True).contiguous()
             for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_adapter(model, tokenizer, out: Path, info: dict, src_tokenizer_dir: Path | None) -> None:
-    """A peft adapter dir: adapter files + the tokenizer it was trained with + training_info.json."""
+def shard_model(model, amp_dtype) -> None:
+    """FSDP2 in place: each decoder layer is one unit (transformers names them in
+    `_no_split_modules`), the root holds the rest (embed_tokens, lm_head and their
+    modules_to_save copies). Parameters keep their storage dtype (bf16 frozen, fp32 trainable);
+    the mixed-precision policy all-gathers them in the compute dtype and reduces gradients in fp32,
+    so no autocast is involved and the residual stream runs in the compute dtype."""
+    import torch
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    policy = MixedPrecisionPolicy(param_dtype=amp_dtype, reduce_dtype=torch.float32) \
+        if amp_dtype is not None else MixedPrecisionPolicy()
+    unit_names = set(getattr(model.get_base_model(), "_no_split_modules", None) or ())
+    units = [m for m in model.modules() if type(m).__name__ in unit_names]
+    if not units:
+        raise ValueError(f"launcher.strategy=fsdp: {type(model.get_base_model()).__name__} names "
+                         "no decoder-layer class (_no_split_modules) to shard by; use strategy ddp")
+    for m in units:
+        fully_shard(m, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def save_adapter(model, tokenizer, out: Path, info: dict, src_tokenizer_dir: Path | None,
+                 state: dict | None = None) -> None:
+    """A peft adapter dir: adapter files + the tokenizer it was trained with + training_info.json.
+    `state`: the trainable tensors gathered beforehand (trainable_state), needed under FSDP."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
+    model.save_pretrained(out, state_dict=state)
     tokenizer.save_pretrained(out)
     # transformers 5 writes tokenizer.json only; llama.cpp and the vocab stage read tokenizer.model
     if src_tokenizer_dir is not None and (Path(src_tokenizer_dir) / "tokenizer.model").is_file() \
@@ -327,7 +368,24 @@ class Trainer:
         self.precision = precision
         self.model = model                       # the peft model (saved, checkpointed)
         self.net = model                         # what forward() is called on (DDP/compiled)
-        if dist.world > 1:
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.fsdp = cfg.launcher.strategy == "fsdp"
+        if self.fsdp:
+            if precision == "fp16":
+                raise ValueError("launcher.strategy=fsdp trains in bf16 or fp32; set precision "
+                                 "bf16 (or fp32), or use strategy ddp for fp16")
+            if not torch.distributed.is_initialized():
+                raise RuntimeError("launcher.strategy=fsdp runs under torchrun (steps.training."
+                                   "execute starts it); no process group is initialised here")
+            shard_model(model, self.amp_dtype)
+        else:
+            if self.amp_dtype is not None:
+                # The modules_to_save embedding is an fp32 master copy; autocast would carry its
+                # fp32 output through every residual add and RMSNorm. Cast it to the compute
+                # dtype as the recipe's fp16 run and a plain bf16 loop do (bench/train_throughput).
+                self._embed_cast = model.get_input_embeddings().register_forward_hook(
+                    lambda module, args, output: output.to(self.amp_dtype))
+        if not self.fsdp and dist.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
             self.net = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
         if cfg.torch_compile:
@@ -357,7 +415,6 @@ class Trainer:
         self.scheduler = (make(self.optimizer, warmup, self.total_steps) if make else
                           get_constant_schedule_with_warmup(self.optimizer, warmup))
         self.scaler = torch.amp.GradScaler(dist.device.type, enabled=precision == "fp16")
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
         self.step = 0
         self.best_eval = math.inf
@@ -380,7 +437,7 @@ class Trainer:
 
     def _autocast(self):
         import torch
-        if self.amp_dtype is None:
+        if self.amp_dtype is None or self.fsdp:     # FSDP casts through its policy
             return contextlib.nullcontext()
         return torch.autocast(self.dist.device.type, dtype=self.amp_dtype)
 
@@ -410,13 +467,15 @@ class Trainer:
         self.dist.barrier()
         torch.save(_rng_state(), tmp / f"rng_rank{self.dist.rank}.pt")
         self.dist.barrier()
+        trainable, optimizer = self.gather_trainable(), self._optimizer_state()  # collective
         if self.dist.main:
-            save_file(trainable_state(self.model), str(tmp / "trainable.safetensors"))
-            torch.save({"optimizer": self.optimizer.state_dict(),
+            save_file(trainable, str(tmp / "trainable.safetensors"))
+            torch.save({"optimizer": optimizer,
                         "scheduler": self.scheduler.state_dict(),
                         "scaler": self.scaler.state_dict(),
                         "step": self.step, "best_eval": self.best_eval, "acc": dict(self.acc),
-                        "fingerprint": self.fingerprint, "world": self.dist.world},
+                        "fingerprint": self.fingerprint, "world": self.dist.world,
+                        "strategy": self.cfg.launcher.strategy},
                        tmp / "state.pt")
             with open(tmp / "trainer_log.jsonl", "w", encoding="utf-8") as f:
                 f.writelines(json.dumps(r) + "\n" for r in self.records)
@@ -429,6 +488,30 @@ class Trainer:
             log.info("checkpoint %s saved", final)
         self.dist.barrier()
 
+    def gather_trainable(self) -> dict | None:
+        """trainable_state on rank 0 (None elsewhere); every rank must call it (FSDP gathers)."""
+        if self.fsdp or self.dist.main:
+            state = trainable_state(self.model)
+            return state if self.dist.main else None
+        return None
+
+    def _optimizer_state(self) -> dict:
+        """The optimizer state, whole (FSDP: gathered to rank 0 by parameter name; collective)."""
+        if not self.fsdp:
+            return self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             get_optimizer_state_dict)
+        return get_optimizer_state_dict(self.model, self.optimizer, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+
+    def _load_optimizer_state(self, state: dict) -> None:
+        if not self.fsdp:
+            return self.optimizer.load_state_dict(state)
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                             set_optimizer_state_dict)
+        set_optimizer_state_dict(self.model, self.optimizer, optim_state_dict=state,
+                                 options=StateDictOptions(full_state_dict=True))
+
     def maybe_resume(self) -> None:
         import torch
         from safetensors.torch import load_file
@@ -437,11 +520,12 @@ class Trainer:
             return
         ckpt = _checkpoints(self.ckpt_dir)[-1]
         state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=True)
-        if state["fingerprint"] != self.fingerprint or state["world"] != self.dist.world:
+        if state["fingerprint"] != self.fingerprint or state["world"] != self.dist.world or \
+                state.get("strategy", "ddp") != self.cfg.launcher.strategy:
             raise ValueError(
-                f"{ckpt} was written by a run with another config, base model, data or process "
-                "count; resume_dir must be specific to one stage cache key: delete it or pass "
-                "another resume_dir")
+                f"{ckpt} was written by a run with another config, base model, data, process "
+                "count or launcher strategy; resume_dir must be specific to one stage cache key: "
+                "delete it or pass another resume_dir")
         tensors = load_file(str(ckpt / "trainable.safetensors"))
         params = dict(self.model.named_parameters())
         missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
@@ -449,8 +533,12 @@ class Trainer:
             raise ValueError(f"{ckpt}: checkpoint lacks trainable tensors {missing[:3]}...")
         with torch.no_grad():
             for n, t in tensors.items():
-                params[n].copy_(t)
-        self.optimizer.load_state_dict(state["optimizer"])
+                p = params[n]
+                if hasattr(p, "device_mesh"):       # an FSDP shard: keep this rank's part
+                    from torch.distributed.tensor import distribute_tensor
+                    t = distribute_tensor(t.to(p.device), p.device_mesh, p.placements)
+                p.copy_(t)
+        self._load_optimizer_state(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.best_eval, self.acc = state["step"], state["best_eval"], state["acc"]
@@ -472,14 +560,22 @@ class Trainer:
         loss_sum, n_tok = 0.0, 0.0
         b = self.cfg.per_device_batch_size
         mine = list(range(self.dist.rank, len(self.eval_ds), self.dist.world))
+        batches = [mine[i:i + b] for i in range(0, len(mine), b)]
+        if self.fsdp:
+            # every rank must run as many forwards as the others (each one all-gathers): a rank
+            # with fewer examples runs the first example again and does not count it
+            most = math.ceil(math.ceil(len(self.eval_ds) / self.dist.world) / b)
+            batches += [None] * (most - len(batches))
         with torch.no_grad(), self._autocast():
-            for i in range(0, len(mine), b):
-                batch = self._batch([self.eval_ds[j] for j in mine[i:i + b]])
-                n = float((batch["labels"][:, 1:] != -100).sum())
-                if n == 0:
+            for rows in batches:
+                batch = self._batch([self.eval_ds[j] for j in (rows or [0])])
+                n = float((batch["labels"][:, 1:] != -100).sum()) if rows else 0.0
+                if n == 0 and not self.fsdp:
                     continue
-                loss_sum += float(self.model(**batch).loss) * n
-                n_tok += n
+                loss = float(self.model(**batch).loss)
+                if n:
+                    loss_sum += loss * n
+                    n_tok += n
         loss_sum, n_tok = self.dist.sum([loss_sum, n_tok])
         self.model.train()
         loss = loss_sum / max(n_tok, 1.0)
@@ -502,8 +598,10 @@ class Trainer:
                 n_tok = float(cpu["attention_mask"].sum()) if "attention_mask" in cpu \
                     else float(cpu["input_ids"].numel())
                 batch = {k: v.to(self.dist.device, non_blocking=True) for k, v in cpu.items()}
-                sync = contextlib.nullcontext() if (self.dist.world == 1 or a == accum - 1) \
-                    else self.net.no_sync()
+                # DDP: all-reduce once per optimizer step. FSDP reduce-scatters every micro-batch
+                # (what keeps its gradient memory sharded).
+                sync = contextlib.nullcontext() if (self.dist.world == 1 or self.fsdp or
+                                                    a == accum - 1) else self.net.no_sync()
                 with sync, self._autocast():
                     loss = self.net(**batch).loss
                 self.scaler.scale(loss / accum).backward()
@@ -521,7 +619,8 @@ class Trainer:
             self.step += 1
             self.acc["n"] += 1
             self.acc["loss"] += float(step_loss)       # one sync per optimizer step
-            self.acc["grad_norm"] += float(norm)
+            self.acc["grad_norm"] += float(norm.full_tensor() if hasattr(norm, "full_tensor")
+                                           else norm)
             last = self.step == self.total_steps
 
             if self.step % cfg.log_every == 0 or last:
@@ -539,8 +638,8 @@ class Trainer:
                     self._emit(dict(last_eval), self.step)
                     if last_eval["eval_loss"] < self.best_eval:
                         self.best_eval = last_eval["eval_loss"]
-                        if self.save_fn is not None and self.dist.main:
-                            self.save_fn(self._best_dir())
+                        if self.save_fn is not None:
+                            self.save_fn(self._best_dir(), self.gather_trainable())
                 t_log = time.perf_counter()
             if cfg.save_every and self.step % cfg.save_every == 0 and not last:
                 self.save_checkpoint()
@@ -581,7 +680,7 @@ def run_training(stage: str, cfg: TrainConfig, out_dir: Path, *, model_dir: Path
     from datasets import load_from_disk
 
     out_dir = Path(out_dir)
-    dist = Dist(cfg.launcher.backend)
+    dist = Dist(cfg.launcher.backend, group_always=cfg.launcher.strategy == "fsdp")
     try:
         torch.manual_seed(cfg.seed)          # same [PAD] row init (SFT resize) on every rank
         random.seed(cfg.seed + dist.rank)
@@ -592,7 +691,8 @@ def run_training(stage: str, cfg: TrainConfig, out_dir: Path, *, model_dir: Path
             model, tokenizer = prepare_model(model, tokenizer)
         torch.manual_seed(cfg.seed)          # identical LoRA init on every rank
         model = add_lora(model, cfg.lora, gradient_checkpointing=cfg.gradient_checkpointing)
-        model.to(dist.device)
+        if cfg.launcher.strategy == "ddp":
+            model.to(dist.device)        # FSDP moves each rank's shards there as it shards
         torch.manual_seed(cfg.seed + dist.rank)   # per-rank dropout streams
         train_ds = load_from_disk(str(Path(dataset_dir) / "train"))
         eval_ds = load_from_disk(str(Path(dataset_dir) / "eval")) \
@@ -618,17 +718,20 @@ def run_training(stage: str, cfg: TrainConfig, out_dir: Path, *, model_dir: Path
             ckpt_dir.mkdir(parents=True, exist_ok=True)
         dist.barrier()
 
-        def save_fn(dest: Path) -> None:
-            shutil.rmtree(dest, ignore_errors=True)
-            save_adapter(model, tokenizer, dest, info, src_tok)
+        def save_fn(dest: Path, state: dict) -> None:
+            """Called on every rank (state is gathered collectively); rank 0 writes."""
+            if dist.main:
+                shutil.rmtree(dest, ignore_errors=True)
+                save_adapter(model, tokenizer, dest, info, src_tok, state)
 
         trainer = Trainer(model, cfg, train_ds, eval_ds, collate, dist=dist, out_dir=out_dir,
                           ckpt_dir=ckpt_dir, fingerprint=fingerprint, on_metrics=on_metrics,
                           save_fn=save_fn, precision=precision)
         summary = trainer.train()
+        state = trainer.gather_trainable()       # collective under FSDP
         if dist.main:
             info["steps"] = trainer.total_steps
-            save_adapter(model, tokenizer, out_dir, info, src_tok)
+            save_adapter(model, tokenizer, out_dir, info, src_tok, state)
             best = trainer._best_dir()
             if best.is_dir():
                 shutil.copytree(best, out_dir / "best")
@@ -681,7 +784,7 @@ def execute(module: str, worker: Callable, cfg: TrainConfig, out_dir: Path, *,
     from steps.launch import launch, torchrun_command
 
     out_dir = Path(out_dir)
-    if cfg.launcher.nproc == 1:
+    if cfg.launcher.nproc == 1 and cfg.launcher.strategy == "ddp":
         return worker(cfg, out_dir, on_metrics=on_metrics, **kwargs)
     args = ["--worker", "--out-dir", str(out_dir), "--config-json", cfg.model_dump_json(),
             "--kwargs-json", json.dumps(kwargs, default=str)]

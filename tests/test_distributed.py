@@ -90,3 +90,43 @@ def test_two_ranks_gloo_equal_one_process_with_twice_the_batch(tiny_hf_model, tm
     assert any((a[k] != 0).any() and "lora_B" in k for k in a)     # B left zero-init = no training
     assert ddp["eval_loss"] == pytest.approx(single["eval_loss"], rel=1e-5)
     assert ddp["train_loss"] == pytest.approx(single["train_loss"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_fsdp_two_ranks_match_ddp_and_resume_exactly(tiny_hf_model, tmp_path):
+    """launcher.strategy=fsdp (FSDP2, 2 CPU ranks): the same adapter as DDP, and a checkpoint
+    (gathered trainable tensors + optimizer state, re-sharded on load) resumes bit-exactly."""
+    fsdp = {"nproc": 2, "backend": "gloo", "strategy": "fsdp", "timeout_s": 600}
+    cfg = dict(per_device_batch_size=1, max_steps=4, eval_every=2, save_every=2)
+    a_sum = pretrain.run(_cfg(**cfg, launcher=fsdp), tmp_path / "fsdp", model=tiny_hf_model,
+                         resume_dir=tmp_path / "resume")
+    d_sum = pretrain.run(_cfg(**cfg, launcher={**fsdp, "strategy": "ddp"}), tmp_path / "ddp",
+                         model=tiny_hf_model)
+    a = load_file(str(tmp_path / "fsdp" / "adapter_model.safetensors"))
+    d = load_file(str(tmp_path / "ddp" / "adapter_model.safetensors"))
+    assert a.keys() == d.keys()
+    # whole tensors (gathered from the shards), not rank 0's half
+    emb = [k for k in a if "embed_tokens" in k]
+    assert emb and all(a[k].shape == d[k].shape for k in a)
+    assert max((a[k] - d[k]).abs().max().item() for k in a) < 1e-5
+    assert any("lora_B" in k and (a[k] != 0).any() for k in a)
+    assert a_sum["eval_loss"] == pytest.approx(d_sum["eval_loss"], rel=1e-5)
+    assert (tmp_path / "fsdp" / "best" / "adapter_model.safetensors").is_file()
+
+    # the step-2 checkpoint is still in resume/: a rerun continues from it, to the same adapter
+    again = pretrain.run(_cfg(**cfg, launcher=fsdp), tmp_path / "again", model=tiny_hf_model,
+                         resume_dir=tmp_path / "resume")
+    assert again["resumed_from_step"] == 2
+    b = load_file(str(tmp_path / "again" / "adapter_model.safetensors"))
+    assert all(bool((a[k] == b[k]).all()) for k in a)
+
+    # a checkpoint is specific to its strategy: DDP refuses the FSDP one
+    from steps.launch import LaunchError
+    with pytest.raises(LaunchError, match="launcher strategy"):
+        pretrain.run(_cfg(**cfg, launcher={**fsdp, "strategy": "ddp"}), tmp_path / "x",
+                     model=tiny_hf_model, resume_dir=tmp_path / "resume")
+
+
+def test_fsdp_refuses_fp16_before_any_work():
+    with pytest.raises(ValueError, match="launcher.strategy=fsdp trains in bf16 or fp32"):
+        _cfg(precision="fp16", launcher={"nproc": 2, "strategy": "fsdp"})

@@ -7,11 +7,22 @@ dropout 0.05 on the 7 projections, embed_tokens + lm_head in modules_to_save). C
 `--tiny`: a 4-layer 256-wide model, batch 4 x 256 (runs anywhere; numbers only compare the two
 paths on the same machine).
 
+Variants (`--variants`, default reference,ours):
+    reference           the plain loop below: bf16 everywhere (trainable copies too), AdamW
+    ours                steps.training.Trainer as the stages run it (single process)
+    ours-fp32-residual  ours without the cast of the embedding output to the compute dtype
+                        (autocast then carries an fp32 residual stream): why that cast exists
+    ours-compile        ours with torch_compile=true
+    ours-fsdp           ours under torchrun (1 process) with launcher.strategy=fsdp (FSDP2)
+
 Each variant runs in its own subprocess (clean peak memory: torch.cuda.max_memory_allocated on
-GPU, VmHWM on CPU). Tokens/s are measured over the steps after `--warmup` steps.
+GPU, VmHWM on CPU), under a time limit; a failed or timed-out variant is reported, not fatal.
+Tokens/s are measured over the steps after `--warmup` steps. Ratios are against `reference`,
+measured in the same run on the same machine.
 
     python bench/train_throughput.py                 # GPU, 7B shape
     python bench/train_throughput.py --gradient-checkpointing
+    python bench/train_throughput.py --variants reference,ours,ours-fsdp --json out.json
     python bench/train_throughput.py --tiny          # CPU
 """
 from __future__ import annotations
@@ -19,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -26,6 +38,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+
+VARIANTS = ("reference", "ours", "ours-fp32-residual", "ours-compile", "ours-fsdp")
 
 
 def model_config(tiny: bool):
@@ -95,33 +110,41 @@ def run_reference(args, device) -> dict:
 
 
 def run_ours(args, device) -> dict:
-    """steps.training: fp32 trainable tensors under bf16 autocast, fused AdamW on CUDA, SDPA,
-    packed blocks (no padding), optional torch.compile; the same loop the stages run."""
+    """steps.training: fp32 trainable tensors under bf16 autocast (the embedding output cast to
+    bf16), fused AdamW on CUDA, SDPA, packed blocks (no padding), optionally torch.compile or
+    FSDP2; the same loop the stages run."""
     import tempfile
 
     import torch
-    from datasets import Dataset
 
     from steps import pretrain
     from steps.training import Dist, Trainer, add_lora
+    fsdp = args.variant == "ours-fsdp"
+    dist = Dist("nccl" if device.type == "cuda" else "gloo", group_always=fsdp)
     model = build_model(args, device)
     cfg = pretrain.Config(per_device_batch_size=args.batch, gradient_accumulation_steps=1,
                           max_steps=args.warmup + args.steps, log_every=args.warmup,
                           eval_every=0, save_every=0, warmup_ratio=0.0, block_size=args.seq,
                           gradient_checkpointing=args.gradient_checkpointing,
-                          torch_compile=args.compile,
+                          torch_compile=args.variant == "ours-compile",
+                          launcher={"strategy": "fsdp" if fsdp else "ddp"},
                           precision="fp32" if device.type == "cpu" else "bf16")
     model = add_lora(model, cfg.lora, gradient_checkpointing=args.gradient_checkpointing)
     g = torch.Generator().manual_seed(0)
     n = (args.warmup + args.steps) * args.batch
-    ds = Dataset.from_dict({"input_ids": torch.randint(3, 49953, (n, args.seq), generator=g).tolist()})
+    # a map-style dataset is all the Trainer needs (the stages pass datasets.Dataset)
+    ds = [{"input_ids": row} for row in
+          torch.randint(3, 49953, (n, args.seq), generator=g).tolist()]
     with tempfile.TemporaryDirectory() as out:
-        trainer = Trainer(model, cfg, ds, None, pretrain.collate, dist=Dist(), out_dir=Path(out),
+        trainer = Trainer(model, cfg, ds, None, pretrain.collate, dist=dist, out_dir=Path(out),
                           ckpt_dir=None, fingerprint="bench", precision=cfg.precision)
+        if args.variant == "ours-fp32-residual" and hasattr(trainer, "_embed_cast"):
+            trainer._embed_cast.remove()
         if device.type == "cuda":
             torch.cuda.synchronize()
         summary = trainer.train()
         records = [r for r in trainer.records if "loss" in r]
+    dist.close()
     # record 0 covers the warmup steps; the others the measured steps
     measured = records[1:]
     tps = sum(r["tokens_per_s"] for r in measured) / len(measured)
@@ -134,6 +157,10 @@ def child(args) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     result = (run_reference if args.variant == "reference" else run_ours)(args, device)
+    import peft
+    import transformers
+    result["versions"] = f"torch {torch.__version__}, transformers {transformers.__version__}, " \
+                         f"peft {peft.__version__}"
     result.update({"peak_memory_gib": peak_memory(device), "device": (
         torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{os.cpu_count()}")})
     print("RESULT " + json.dumps(result), flush=True)
@@ -147,8 +174,12 @@ def main() -> None:
     p.add_argument("--steps", type=int)
     p.add_argument("--warmup", type=int)
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile our path")
-    p.add_argument("--variant", choices=["reference", "ours"], help=argparse.SUPPRESS)
+    p.add_argument("--variants", default="reference,ours",
+                   help=f"comma-separated, from {','.join(VARIANTS)}")
+    p.add_argument("--timeout", type=float, default=600, help="seconds per variant")
+    p.add_argument("--total-timeout", type=float, default=float("inf"),
+                   help="seconds for all variants; later ones get what is left")
+    p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
     defaults = dict(batch=4, seq=256, steps=6, warmup=2) if args.tiny else \
@@ -160,27 +191,55 @@ def main() -> None:
         return child(args)
     if args.steps % args.warmup:
         p.error("--steps must be a multiple of --warmup (ours logs once per warmup-many steps)")
-    results = {}
-    for variant in ("reference", "ours"):
+    variants = args.variants.split(",")
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown or "reference" not in variants:
+        p.error(f"--variants: unknown {unknown}" if unknown else "--variants must include reference")
+    results: dict[str, dict] = {}
+    summary = {"shape": "tiny" if args.tiny else "llama-7b", "batch": args.batch, "seq": args.seq,
+               "steps": args.steps, "warmup": args.warmup,
+               "gradient_checkpointing": args.gradient_checkpointing, "variants": results}
+    started = time.perf_counter()
+    for variant in variants:
         cmd = [sys.executable, __file__, "--variant", variant, "--batch", str(args.batch),
                "--seq", str(args.seq), "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        if variant == "ours-fsdp":      # FSDP needs a process group: one torchrun rank
+            cmd[1:1] = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1"]
         cmd += ["--tiny"] * args.tiny + ["--gradient-checkpointing"] * args.gradient_checkpointing
-        cmd += ["--compile"] * args.compile
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
-        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-        if proc.returncode != 0 or not line:
-            sys.exit(f"{variant} failed:\n{proc.stderr[-3000:]}")
-        results[variant] = json.loads(line[0][len("RESULT "):])
-    ref, ours = results["reference"], results["ours"]
-    summary = {"shape": "tiny" if args.tiny else "llama-7b", "batch": args.batch, "seq": args.seq,
-               "steps": args.steps, "gradient_checkpointing": args.gradient_checkpointing,
-               "compile": args.compile, **{f"{k}_{m}": v[m] for k, v in results.items()
-                                            for m in ("tokens_per_s", "peak_memory_gib", "loss")},
-               "device": ours["device"],
-               "speedup_ours_over_reference": ours["tokens_per_s"] / ref["tokens_per_s"]}
-    print(json.dumps(summary, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(summary, indent=2))
+        t0 = time.perf_counter()
+        limit = min(args.timeout, args.total_timeout - (t0 - started))
+        if limit < 20:
+            results[variant] = {"error": "skipped: --total-timeout spent"}
+            print(f"{variant}: skipped (--total-timeout spent)", flush=True)
+            continue
+        # own session: on a timeout the whole group goes (torchrun's rank too), freeing the GPU
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                cwd=REPO, start_new_session=True)
+        try:
+            stdout, stderr = proc.communicate(timeout=limit)
+            line = [l for l in stdout.splitlines() if l.startswith("RESULT ")]
+            if proc.returncode != 0 or not line:
+                results[variant] = {"error": (stdout + stderr)[-2500:]}
+            else:
+                results[variant] = json.loads(line[0][len("RESULT "):])
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            results[variant] = {"error": f"timed out after {limit:.0f} s"}
+        results[variant]["wall_s"] = round(time.perf_counter() - t0, 1)
+        ref = results.get("reference", {}).get("tokens_per_s")
+        if ref and "tokens_per_s" in results[variant]:
+            results[variant]["ratio_to_reference"] = results[variant]["tokens_per_s"] / ref
+        summary["device"] = results[variant].get("device", summary.get("device"))
+        print(f"{variant}: " + json.dumps(results[variant])[:3000], flush=True)
+        if args.json:       # after every variant: a later crash keeps what was measured
+            args.json.write_text(json.dumps(summary, indent=2))
+    print(json.dumps({k: ({m: v.get(m) for m in ("tokens_per_s", "ratio_to_reference",
+                                                 "peak_memory_gib", "loss")}
+                          if "error" not in v else "failed") for k, v in results.items()},
+                     indent=2))
+    if any("error" in v for v in results.values()):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

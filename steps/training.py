@@ -7,6 +7,12 @@ exactly what is needed to continue bit-for-bit: the trainable tensors (LoRA A/B 
 modules_to_save copies), optimizer, scheduler, grad scaler, every rank's RNG states and the data
 position (the global step: the sample order is a pure function of seed, epoch and step).
 
+Processes (`launcher`): one, in the caller's process; or `nproc` torchrun ranks with DDP, or with
+FSDP2 (`strategy: fsdp`, shard_model), where checkpoints and adapters are gathered to rank 0 first.
+Precision: trainable tensors are fp32 masters; on a GPU the frozen base is bf16 and the compute
+bf16 (autocast, or FSDP's mixed-precision policy). bench/train_throughput.py compares this loop
+with a plain transformers + peft loop (README: 1.18x its tokens/s on an H100).
+
 Layout of a training stage's out_dir:
     adapter_config.json, adapter_model.safetensors   the last adapter (PeftModel.from_pretrained)
     tokenizer files, training_info.json              vocabulary and base-model provenance (P2, P3)

@@ -93,3 +93,13 @@ def test_a_local_source_is_keyed_by_its_checklists_not_its_whole_folder(tmp_path
     assert _step_config(_Run(cfg(), tmp_path), "download", {})[2] == before
     (root / "7B" / "checklist.chk").write_text("2" * 32 + "  consolidated.00.pth\n")
     assert _step_config(_Run(cfg(), tmp_path), "download", {})[2] != before
+
+
+@pytest.mark.parametrize("launcher", sorted(p.stem for p in (CONF_DIR / "launcher").glob("*.yaml")))
+def test_every_launcher_option_is_a_valid_stage_setting(launcher):
+    from steps import pretrain, sft
+
+    cfg = load_config([f"launcher@pretrain.launcher={launcher}", f"launcher@sft.launcher={launcher}"])
+    pt, st = pretrain.Config.model_validate(cfg["pretrain"]), sft.Config.model_validate(cfg["sft"])
+    assert pt.launcher == st.launcher
+    assert (pt.launcher.strategy == "fsdp") == (launcher == "fsdp")

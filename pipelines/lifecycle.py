@@ -103,7 +103,9 @@ def _publish_report(run: LifecycleRun, tracker: Tracker, parent: str) -> None:
             tracker.log_file(parent, f, "report")
     gates = report_dir / "gates.json"
     if gates.is_file():
-        tracker.set_tags(parent, {"llamaflow.gates_passed": json.loads(gates.read_text())["passed"]})
+        passed = json.loads(gates.read_text())["passed"]
+        tracker.set_tags(parent, {"llamaflow.gates_passed":
+                                  "not checked" if passed is None else passed})
     md = report_dir / "report.md"
     if md.is_file():
         text = md.read_text()

@@ -144,7 +144,9 @@ def build_report(evaluations: dict[str, Path], training_logs: dict[str, Path] | 
                 checks.append({"gate": key, "model": label, "vs": vs, "set": s, "metric": metric,
                                "value": a[metric], "reference": b[metric], "delta_pct": delta,
                                "max_delta_pct": limit, "passed": delta is not None and delta <= limit})
-    passed = all(c["passed"] for c in checks)
+    # None, not True, when nothing was checked (no gates, or every gate skipped): a report must
+    # never claim a pass it did not measure
+    passed = all(c["passed"] for c in checks) if checks else None
     gates_out = {"passed": passed, "on_fail": on_fail, "checks": checks, "skipped": skipped}
 
     (out_dir / "table.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
@@ -163,7 +165,7 @@ def build_report(evaluations: dict[str, Path], training_logs: dict[str, Path] | 
     md += [f"![{p}]({p})" for p in plots]
     (out_dir / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
 
-    if not passed and on_fail == "fail":
+    if passed is False and on_fail == "fail":
         failed = [f"{c['gate']}/{c['set']}/{c.get('metric')}: Δ {_fmt(c.get('delta_pct'), 2)}% > "
                   f"{c.get('max_delta_pct')}%" for c in checks if not c["passed"]]
         raise GateFailed("quality gate(s) failed: " + "; ".join(failed) + f" (report in {out_dir})")
@@ -276,8 +278,10 @@ def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = N
                        reference=config.reference, on_fail=config.on_fail)
     metrics = {f"{r['model']}.{r['set']}.{k}": r[k] for r in rep["rows"]
                for k in ("ppl", "bits_per_byte", "delta_ppl_pct") if r[k] is not None}
-    metrics["gates_passed"] = int(rep["passed"])
+    metrics["gates_checked"] = len(rep["gates"]["checks"])
     metrics["gates_failed"] = sum(not c["passed"] for c in rep["gates"]["checks"])
-    if on_metrics:
-        on_metrics({"gates_passed": metrics["gates_passed"]}, 0)
+    if rep["passed"] is not None:
+        metrics["gates_passed"] = int(rep["passed"])
+        if on_metrics:
+            on_metrics({"gates_passed": metrics["gates_passed"]}, 0)
     return metrics

@@ -146,6 +146,14 @@ def test_gate_on_a_model_not_evaluated_is_skipped_not_passed(gate_evals, tmp_pat
                           gates={"q8_0": {"vs": "f16", "max_delta_ppl_pct": 1.0}})
     assert rep["gates"]["checks"] == [] and rep["gates"]["skipped"][0]["gate"] == "q8_0"
     assert "Gate `q8_0` skipped" in (tmp_path / "report.md").read_text()
+    # nothing was checked: neither passed nor failed
+    assert rep["passed"] is None
+    assert json.loads((tmp_path / "gates.json").read_text())["passed"] is None
+    out = tmp_path / "run"
+    out.mkdir()
+    m = rp.run(rp.Config(gates={"q8_0": {"vs": "f16", "max_delta_ppl_pct": 1.0}}), out,
+               evaluations=gate_evals)
+    assert "gates_passed" not in m and m["gates_checked"] == 0 and m["gates_failed"] == 0
 
 
 def test_bad_inputs_are_named(tmp_path):

@@ -27,15 +27,10 @@ class VocabSizes:
 
 def _tensor_shapes(model_dir: Path, suffixes: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
     """Shapes of tensors whose names end with one of `suffixes`, read from safetensors headers."""
-    from safetensors import safe_open
+    from steps.safetensors_io import read_header
 
-    shapes: dict[str, tuple[int, ...]] = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            for name in st.keys():
-                if name.endswith(suffixes):
-                    shapes[name] = tuple(st.get_slice(name).get_shape())
-    return shapes
+    return {name: info.shape for f in sorted(model_dir.glob("*.safetensors"))
+            for name, info in read_header(f).items() if name.endswith(suffixes)}
 
 
 def tokenizer_size(tokenizer_dir: Path) -> tuple[int, int | None]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ import pydantic
 
 from steps.meta import (MetaFormatError, MetaParams, meta_to_hf_name, permute, read_checklist,
                         shard_dim)
-from steps.safetensors_io import StreamingSafetensorsWriter
+from steps.safetensors_io import StreamingSafetensorsWriter, read_header
 
 log = logging.getLogger(__name__)
 
@@ -287,19 +288,5 @@ def _special_ids(model_dir: Path) -> dict[str, int]:
 
 def _count(model_dir: Path) -> tuple[int, int, int]:
     """(parameters, tensors, weight bytes) from the safetensors headers."""
-    from safetensors import safe_open
-
-    from steps.safetensors_io import ITEMSIZE, ST_DTYPES
-
-    n = t = b = 0
-    for f in Path(model_dir).glob("*.safetensors"):
-        with safe_open(str(f), framework="pt") as st:
-            for k in st.keys():
-                sl = st.get_slice(k)
-                c = 1
-                for s in sl.get_shape():
-                    c *= s
-                n += c
-                t += 1
-                b += c * ITEMSIZE[ST_DTYPES[sl.get_dtype()]]
-    return n, t, b
+    infos = [i for f in Path(model_dir).glob("*.safetensors") for i in read_header(f).values()]
+    return sum(math.prod(i.shape) for i in infos), len(infos), sum(i.nbytes for i in infos)

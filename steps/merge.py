@@ -38,7 +38,7 @@ from pydantic import ConfigDict
 
 from steps import MetricsCallback
 from steps.checks import VocabMismatch, check_adapter, check_model, tokenizer_size
-from steps.safetensors_io import ST_DTYPES, StreamingSafetensorsWriter
+from steps.safetensors_io import ST_DTYPES, StreamingSafetensorsWriter, read_header
 from steps.tokenizer import TOKENIZER_FILES
 
 VERSION = "1"
@@ -230,8 +230,6 @@ class BaseTensor:
 
 def read_base_index(base_dir: Path) -> list[BaseTensor]:
     """Every tensor of a safetensors HF model, in file order (index order when sharded)."""
-    from safetensors import safe_open
-
     base_dir = Path(base_dir)
     if not (base_dir / "config.json").is_file():
         raise FileNotFoundError(f"{base_dir}/config.json not found: the base must be a Hugging "
@@ -253,10 +251,8 @@ def read_base_index(base_dir: Path) -> list[BaseTensor]:
                 "save_pretrained, which writes safetensors)" if legacy else ""))
     tensors: list[BaseTensor] = []
     for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            for name in st.keys():
-                sl = st.get_slice(name)
-                tensors.append(BaseTensor(name, f, tuple(sl.get_shape()), ST_DTYPES[sl.get_dtype()]))
+        for name, info in read_header(f).items():
+            tensors.append(BaseTensor(name, f, info.shape, ST_DTYPES[info.dtype]))
     names = [t.name for t in tensors]
     if len(names) != len(set(names)):
         raise MergeError(f"{base_dir}: a tensor name appears in more than one shard")

@@ -27,6 +27,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from steps.checks import check_model
+from steps.safetensors_io import TensorInfo, read_header
 
 VERSION = "1"
 DATA_FIELDS = ()
@@ -105,20 +106,14 @@ def _rope(config: dict) -> tuple[float, dict | None]:
     return float(theta), scaling
 
 
-def _safetensors_index(model_dir: Path) -> dict[str, Path]:
+def _safetensors_index(model_dir: Path) -> dict[str, tuple[Path, TensorInfo]]:
+    """{tensor name: (its file, its header entry)} over the model's *.safetensors files."""
     files = sorted(model_dir.glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{model_dir}: no *.safetensors files; save the model with "
                                 "save_pretrained(safe_serialization=True) (the convert and merge "
                                 "stages do)")
-    from safetensors import safe_open
-
-    where: dict[str, Path] = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            for name in st.keys():
-                where[name] = f
-    return where
+    return {name: (f, info) for f in files for name, info in read_header(f).items()}
 
 
 def _vocab(model_dir: Path, n_rows: int) -> dict:
@@ -246,15 +241,14 @@ def export_gguf(model_dir: Path, out_path: Path, qtype: str = "f16") -> Path:
 
     plan = []   # (hf name, gguf name, shape, ggml type)
     target, file_type = _gguf_types()[qtype]
-    for hf_name in where:
+    for hf_name, (file, info) in where.items():
         if hf_name.endswith("rotary_emb.inv_freq"):
             continue
         name = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
-            raise ValueError(f"{where[hf_name]}: tensor {hf_name!r} is not part of a LLaMA model "
+            raise ValueError(f"{file}: tensor {hf_name!r} is not part of a LLaMA model "
                              "(no llama.cpp name for it)")
-        with safe_open(str(where[hf_name]), framework="pt") as st:
-            shape = tuple(st.get_slice(hf_name).get_shape())
+        shape = info.shape
         if len(shape) == 1:
             ttype = gguf.GGMLQuantizationType.F32
         elif shape[-1] % gguf.GGML_QUANT_SIZES[target][0] == 0:
@@ -311,7 +305,7 @@ def export_gguf(model_dir: Path, out_path: Path, qtype: str = "f16") -> Path:
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for hf_name, name, shape, ttype in plan:
-            with safe_open(str(where[hf_name]), framework="pt") as st:
+            with safe_open(str(where[hf_name][0]), framework="pt") as st:
                 t = st.get_tensor(hf_name)
             if name.endswith("attn_q.weight"):
                 t = _permute_rotary(t, n_head)

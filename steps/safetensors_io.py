@@ -1,4 +1,7 @@
-"""Streaming safetensors writing, shared by convert and merge.
+"""Safetensors I/O shared by the stages: reading headers, streaming writes.
+
+`read_header` gives a file's tensor table (names, dtypes, shapes, byte ranges) without loading any
+weights, with errors that name the file; tensors themselves are read with safetensors' safe_open.
 
 safetensors.torch.save_file needs a whole shard in memory. When every tensor's name, shape and
 dtype is known up front, the header can be written first and each tensor's bytes appended as it
@@ -11,6 +14,7 @@ import json
 import math
 import struct
 from pathlib import Path
+from typing import NamedTuple
 
 ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
              "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
@@ -20,6 +24,65 @@ ITEMSIZE = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "int64": 8,
             "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
 
 Spec = tuple[str, tuple[int, ...], str]   # (name, shape, torch dtype name e.g. "bfloat16")
+
+
+class TensorInfo(NamedTuple):
+    dtype: str                  # as the file spells it, e.g. "BF16" (ST_DTYPES maps it to torch's)
+    shape: tuple[int, ...]
+    offsets: tuple[int, int]    # [start, end) in the data buffer after the header
+
+    @property
+    def nbytes(self) -> int:
+        return self.offsets[1] - self.offsets[0]
+
+
+def _raw_header(path: Path) -> dict:
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= size - 8:
+            raise ValueError(f"{path}: not a safetensors file ({size} bytes; header length "
+                             f"{n if n >= 0 else 'missing'}): truncated, or an HTML/error page")
+        raw = f.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a safetensors file (header is not JSON: {e})") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: not a safetensors file (header is not a JSON object)")
+    data = size - 8 - n
+    for name, e in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = e["data_offsets"]
+            ok = isinstance(e["dtype"], str) and 0 <= start <= end and \
+                all(isinstance(s, int) and s >= 0 for s in e["shape"])
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"{path}: not a safetensors file (bad header entry for {name!r})")
+        if end > data:
+            raise ValueError(f"{path}: truncated: tensor {name!r} ends at data byte {end}, the "
+                             f"file holds {data}")
+    return header
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """{name: TensorInfo} of a .safetensors file, names sorted (as safe_open's keys() lists them),
+    from its header alone (no weights read). ValueError naming the file when it is truncated or
+    not safetensors at all."""
+    header = _raw_header(path)
+    header.pop("__metadata__", None)
+    return {name: TensorInfo(e["dtype"], tuple(e["shape"]), tuple(e["data_offsets"]))
+            for name, e in sorted(header.items())}
+
+
+def read_metadata(path: Path) -> dict[str, str] | None:
+    """The file's `__metadata__` (string to string), or None when it has none (as safe_open)."""
+    return _raw_header(path).get("__metadata__")
 
 
 class StreamingSafetensorsWriter:

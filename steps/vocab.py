@@ -364,6 +364,7 @@ def extend_model(model_dir: Path, tokenizer_dir: Path, out_dir: Path, init: Init
     from safetensors import safe_open
 
     from steps.checks import tokenizer_size
+    from steps.safetensors_io import read_header
 
     model_dir, tokenizer_dir, out_dir = Path(model_dir), Path(tokenizer_dir), Path(out_dir)
     if init not in ("mean", "subword_mean", "normal"):
@@ -444,7 +445,7 @@ def extend_model(model_dir: Path, tokenizer_dir: Path, out_dir: Path, init: Init
     if index.is_file():
         data = json.loads(index.read_text())
         data.setdefault("metadata", {})["total_size"] = sum(
-            sum(_nbytes(s) for s in _headers(out_dir / shard.name)) for shard in shards)
+            info.nbytes for shard in shards for info in read_header(out_dir / shard.name).values())
         (out_dir / index.name).write_text(json.dumps(data, indent=2))
     config["vocab_size"] = new_vocab
     tok_cfg = json.loads((tokenizer_dir / "tokenizer_config.json").read_text()) \
@@ -462,19 +463,6 @@ def extend_model(model_dir: Path, tokenizer_dir: Path, out_dir: Path, init: Init
         if (tokenizer_dir / f).is_file():
             shutil.copyfile(tokenizer_dir / f, out_dir / f)
     return out_dir
-
-
-def _headers(path: Path) -> list[dict]:
-    with open(path, "rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        head = json.loads(f.read(n))
-    head.pop("__metadata__", None)
-    return list(head.values())
-
-
-def _nbytes(entry: dict) -> int:
-    begin, end = entry["data_offsets"]
-    return end - begin
 
 
 # --------------------------------------------------------------------------------------------

@@ -247,6 +247,19 @@ def test_missing_files(tmp_path, tiny_hf_model, adapters):
     _assert_nothing_written(tmp_path / "m")
 
 
+@pytest.mark.parametrize("damage", ["truncated", "html"])
+def test_unreadable_base_shard_names_the_file(tmp_path, tiny_hf_model, adapters, damage):
+    """Headers are read by steps.safetensors_io.read_header: a damaged file is named."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_hf_model, base)
+    raw = (base / "model.safetensors").read_bytes()
+    (base / "model.safetensors").write_bytes(raw[: len(raw) // 2] if damage == "truncated" else
+                                             b"<html><body>403 Forbidden</body></html>")
+    with pytest.raises(ValueError, match=r"model\.safetensors: (truncated|not a safetensors file)"):
+        merge_adapters(base, [adapters["pt"]], tmp_path / "m", check_base_digest=False)
+    _assert_nothing_written(tmp_path / "m")
+
+
 def test_vocab_growth_without_tokenizer(tmp_path, tiny_hf_model, adapters):
     bare = tmp_path / "pt_no_tok"
     bare.mkdir()

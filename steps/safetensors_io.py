@@ -85,6 +85,48 @@ def read_metadata(path: Path) -> dict[str, str] | None:
     return _raw_header(path).get("__metadata__")
 
 
+def _header_bytes(specs: list[Spec], metadata: dict[str, str] | None = None) -> bytes:
+    """8-byte little-endian length + the JSON header (padded with spaces to 8 bytes) of a file
+    holding `specs` in that order."""
+    header, offset = {"__metadata__": metadata or {"format": "pt"}}, 0
+    for name, shape, dtype in specs:
+        n = math.prod(shape) * ITEMSIZE[dtype]
+        header[name] = {"dtype": TORCH_TO_ST[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _check(spec: Spec, name: str, tensor) -> None:
+    want, shape, dtype = spec
+    if name != want or tuple(tensor.shape) != tuple(shape) or str(tensor.dtype) != f"torch.{dtype}":
+        raise RuntimeError(f"writer expected {want} {shape} {dtype}, got {name} "
+                           f"{tuple(tensor.shape)} {tensor.dtype} (plan and producer disagree)")
+
+
+def _write_tensor(fh, tensor) -> None:
+    import torch
+
+    fh.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
+
+
+def write_safetensors(path: Path, specs: list[Spec], tensors, metadata: dict[str, str] | None = None
+                      ) -> None:
+    """Write one .safetensors file a tensor at a time: the header from `specs`, then each
+    (name, tensor) of `tensors`, which must come in `specs` order."""
+    with open(path, "wb") as fh:
+        fh.write(_header_bytes(specs, metadata))
+        n = 0
+        for spec, (name, tensor) in zip(specs, tensors):
+            _check(spec, name, tensor)
+            _write_tensor(fh, tensor)
+            n += 1
+    if n != len(specs):
+        raise RuntimeError(f"{path}: wrote {n} of {len(specs)} tensors")
+
+
 class StreamingSafetensorsWriter:
     """Writes tensors, in the planned order, into pre-planned shards of at most max_shard_bytes
     (`model.safetensors`, or `model-0000k-of-0000n.safetensors` + index as transformers names
@@ -114,28 +156,16 @@ class StreamingSafetensorsWriter:
     def _open(self, i: int) -> None:
         if self._fh:
             self._fh.close()
-        header, offset = {"__metadata__": {"format": "pt"}}, 0
-        for name, shape, dtype in self.shards[i]:
-            n = math.prod(shape) * ITEMSIZE[dtype]
-            header[name] = {"dtype": TORCH_TO_ST[dtype], "shape": list(shape),
-                            "data_offsets": [offset, offset + n]}
-            offset += n
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
         self._fh = open(self.out_dir / self.files[i], "wb")
-        self._fh.write(struct.pack("<Q", len(raw)) + raw)
+        self._fh.write(_header_bytes(self.shards[i]))
         self._shard = i
 
     def write(self, name: str, tensor) -> None:
-        import torch
-
-        shard, (want, shape, dtype) = self._queue[self._pos]
-        if name != want or tuple(tensor.shape) != tuple(shape) or str(tensor.dtype) != f"torch.{dtype}":
-            raise RuntimeError(f"writer expected {want} {shape} {dtype}, got {name} "
-                               f"{tuple(tensor.shape)} {tensor.dtype} (plan and producer disagree)")
+        shard, spec = self._queue[self._pos]
+        _check(spec, name, tensor)
         if shard != self._shard:
             self._open(shard)
-        self._fh.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().data)
+        _write_tensor(self._fh, tensor)
         self._pos += 1
 
     def close(self) -> list[Path]:

@@ -291,36 +291,6 @@ def compare_tokenizers(base_sp: Path, merged_dir: Path, lines: list[str]) -> dic
 # Extending the model
 # --------------------------------------------------------------------------------------------
 
-_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-              "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
-              "BOOL": "bool"}
-
-
-def _write_safetensors(path: Path, header: dict[str, tuple[str, list[int]]], tensors,
-                       metadata: dict[str, str]) -> None:
-    """Write a .safetensors file one tensor at a time: the header is computed from the declared
-    (dtype, shape) of each tensor, then `tensors` (name, tensor) are written in header order."""
-    import torch
-
-    entries, offset = {}, 0
-    for name, (dtype, shape) in header.items():
-        nbytes = torch.empty((), dtype=getattr(torch, _ST_DTYPES[dtype])).element_size()
-        for s in shape:
-            nbytes *= s
-        entries[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    head = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    with open(path, "wb") as f:
-        f.write(len(head).to_bytes(8, "little"))
-        f.write(head)
-        for name, t in tensors:
-            e = entries[name]
-            if list(t.shape) != e["shape"] or t.dtype != getattr(torch, _ST_DTYPES[e["dtype"]]):
-                raise AssertionError(f"{name}: wrote {tuple(t.shape)} {t.dtype}, declared {e}")
-            f.write(t.contiguous().view(-1).view(torch.uint8).numpy().data)
-
-
 def _subword_ids(base_proto, pieces: list[str]) -> list[list[int]]:
     """The base-tokenizer ids each piece string splits into (no dummy prefix added)."""
     import sentencepiece as spm
@@ -364,7 +334,7 @@ def extend_model(model_dir: Path, tokenizer_dir: Path, out_dir: Path, init: Init
     from safetensors import safe_open
 
     from steps.checks import tokenizer_size
-    from steps.safetensors_io import read_header
+    from steps.safetensors_io import ST_DTYPES, read_header, read_metadata, write_safetensors
 
     model_dir, tokenizer_dir, out_dir = Path(model_dir), Path(tokenizer_dir), Path(out_dir)
     if init not in ("mean", "subword_mean", "normal"):
@@ -412,23 +382,20 @@ def extend_model(model_dir: Path, tokenizer_dir: Path, out_dir: Path, init: Init
 
     out_dir.mkdir(parents=True, exist_ok=True)
     resized = {}
-    for k, shard in enumerate(shards):
+    for shard in shards:
+        specs = []
+        for name, info in read_header(shard).items():
+            shape = info.shape
+            if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+                if shape[0] != old_vocab:
+                    raise ValueError(f"{shard}: {name} has {shape[0]} rows but config.json "
+                                     f"vocab_size is {old_vocab}; fix the input model first")
+                shape = (new_vocab, *shape[1:])
+                resized[name] = shape
+            specs.append((name, shape, ST_DTYPES[info.dtype]))
         with safe_open(str(shard), framework="pt") as st:
-            names = list(st.keys())
-            header = {}
-            for name in names:
-                sl = st.get_slice(name)
-                shape = list(sl.get_shape())
-                if name.endswith(("embed_tokens.weight", "lm_head.weight")):
-                    if shape[0] != old_vocab:
-                        raise ValueError(f"{shard}: {name} has {shape[0]} rows but config.json "
-                                         f"vocab_size is {old_vocab}; fix the input model first")
-                    shape[0] = new_vocab
-                    resized[name] = shape
-                header[name] = (sl.get_dtype(), shape)
-
             def tensors():
-                for i, name in enumerate(names):
+                for name, _, _ in specs:
                     t = st.get_tensor(name)
                     if name in resized and n_new:
                         # embed_tokens and lm_head draw from different streams (seed, seed + 1)
@@ -436,8 +403,7 @@ def extend_model(model_dir: Path, tokenizer_dir: Path, out_dir: Path, init: Init
                                                     seed + name.endswith("lm_head.weight"))])
                     yield name, t
 
-            _write_safetensors(out_dir / shard.name, header, tensors(),
-                               st.metadata() or {"format": "pt"})
+            write_safetensors(out_dir / shard.name, specs, tensors(), read_metadata(shard))
     if not any(n.endswith("embed_tokens.weight") for n in resized):
         raise ValueError(f"no embed_tokens.weight in {model_dir}/*.safetensors")
 

@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_serializer, 
 from tqdm import tqdm
 
 from steps import MetricsCallback
+from steps.meta import MetaFormatError, looks_like_markup, read_checklist
 
 VERSION = "1"
 log = logging.getLogger(__name__)
@@ -222,46 +223,13 @@ def _local_content_digest(src: "LocalSource") -> str:
 
 # ----------------------------------------------------------------------------- verification
 
-def looks_like_markup(head: bytes) -> bool:
-    """True for HTML/XML (an error page from a CDN or proxy) rather than the file that was asked for."""
-    return head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"<"
-
-
-_GNU_LINE = re.compile(r"^(?P<hex>[0-9a-fA-F]{32}|[0-9a-fA-F]{64}) [ *](?P<name>.+)$")
-_BSD_LINE = re.compile(r"^(?P<algo>MD5|SHA256) \((?P<name>.+)\) = (?P<hex>[0-9a-fA-F]{32,64})$")
-
-
 def parse_checksums(path: Path) -> dict[str, tuple[str, str]]:
-    """{file name: (algorithm, hex digest)} from an md5sum/sha256sum list (GNU `<hex>  <name>` or
-    BSD `MD5 (<name>) = <hex>`). Strict like `md5sum -c --strict`: any malformed line is an error,
-    because a half-parsed list would silently verify less than it claims."""
-    path = Path(path)
-    raw = path.read_bytes()
-    if looks_like_markup(raw[:512]):
-        raise VerificationError(
-            f"{path}: an HTML/XML page ({len(raw)} bytes), not a checksum list; the download URL "
-            "has probably expired or was copied incompletely (Meta's presigned URLs expire after "
-            "24 h): request a new one")
+    """steps.meta.read_checklist, failing with VerificationError (a list that does not parse is
+    fetched again, like any file that fails verification)."""
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise VerificationError(f"{path}: not a text checksum list (not UTF-8)") from None
-    entries: dict[str, tuple[str, str]] = {}
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        m = _GNU_LINE.match(line) or _BSD_LINE.match(line)
-        if m is None:
-            raise VerificationError(f"{path}:{lineno}: not a checksum line ('<hex digest>  <file>'): "
-                                    f"{line[:60]!r}")
-        digest = m["hex"].lower()
-        if len(digest) not in (32, 64):
-            raise VerificationError(f"{path}:{lineno}: digest of {len(digest)} hex digits")
-        name = m["name"].removeprefix("./")
-        entries[name] = ("md5" if len(digest) == 32 else "sha256", digest)
-    if not entries:
-        raise VerificationError(f"{path}: no checksum lines (empty list)")
-    return entries
+        return read_checklist(path)
+    except MetaFormatError as e:
+        raise VerificationError(str(e)) from None
 
 
 def file_digests(path: Path, algos) -> dict[str, str]:

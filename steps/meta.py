@@ -257,16 +257,47 @@ def write_checklist(folder: Path, names: list[str], out_name: str = "checklist.c
     return folder / out_name
 
 
-def read_checklist(path: Path) -> dict[str, str]:
-    out = {}
-    for i, line in enumerate(Path(path).read_text().splitlines(), 1):
+def looks_like_markup(head: bytes) -> bool:
+    """True for HTML/XML (an error page from a CDN or proxy) rather than the file that was asked for."""
+    return head.lstrip(b"\xef\xbb\xbf \t\r\n")[:1] == b"<"
+
+
+_GNU_LINE = re.compile(r"^(?P<hex>[0-9a-fA-F]{32}|[0-9a-fA-F]{64}) [ *](?P<name>.+)$")
+_BSD_LINE = re.compile(r"^(?P<algo>MD5|SHA256) \((?P<name>.+)\) = (?P<hex>[0-9a-fA-F]{32,64})$")
+
+
+def read_checklist(path: Path) -> dict[str, tuple[str, str]]:
+    """{file name: (algorithm, hex digest)} from an md5sum/sha256sum list such as checklist.chk
+    (GNU `<hex>  <name>` or BSD `MD5 (<name>) = <hex>`). Strict like `md5sum -c --strict`: any
+    malformed line is an error, because a half-parsed list would silently verify less than it
+    claims."""
+    path = Path(path)
+    raw = path.read_bytes()
+    if looks_like_markup(raw[:512]):
+        raise MetaFormatError(
+            f"{path}: an HTML/XML page ({len(raw)} bytes), not a checksum list; the download URL "
+            "has probably expired or was copied incompletely (Meta's presigned URLs expire after "
+            "24 h): request a new one")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MetaFormatError(f"{path}: not a text checksum list (not UTF-8)") from None
+    entries: dict[str, tuple[str, str]] = {}
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        m = re.fullmatch(r"([0-9a-fA-F]{32}) [ *](.+)", line.strip())
-        if not m:
-            raise MetaFormatError(f"{path}:{i}: not an md5sum line ({line[:60]!r})")
-        out[m.group(2)] = m.group(1).lower()
-    return out
+        m = _GNU_LINE.match(line) or _BSD_LINE.match(line)
+        if m is None:
+            raise MetaFormatError(f"{path}:{lineno}: not a checksum line ('<hex digest>  <file>'): "
+                                  f"{line[:60]!r}")
+        digest = m["hex"].lower()
+        if len(digest) not in (32, 64):
+            raise MetaFormatError(f"{path}:{lineno}: digest of {len(digest)} hex digits")
+        name = m["name"].removeprefix("./")
+        entries[name] = ("md5" if len(digest) == 32 else "sha256", digest)
+    if not entries:
+        raise MetaFormatError(f"{path}: no checksum lines (empty list)")
+    return entries
 
 
 def save_meta_checkpoint(meta_state: dict, params: dict | MetaParams, out_dir: Path,

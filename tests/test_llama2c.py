@@ -38,7 +38,7 @@ def test_meta_layout(stories, converted):
         "checklist.chk", "consolidated.00.pth", "params.json", "tokenizer.model",
         "tokenizer_checklist.chk"]
     for chk in ("checklist.chk", "tokenizer_checklist.chk"):
-        for name, md5 in read_checklist(meta / chk).items():
+        for name, (_, md5) in read_checklist(meta / chk).items():
             assert md5_file(meta / name) == md5
     assert md5_file(meta / "tokenizer.model") == md5_file(stories / "tok512.model")
 

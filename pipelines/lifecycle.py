@@ -88,6 +88,10 @@ def lifecycle(overrides: list[str] | None = None, from_stage: str | None = None)
             _publish_report(run, tracker, parent)
         except Exception as e:  # publishing must never hide the run's own outcome
             log.warning("could not publish the report: %s", e)
+        try:
+            _register_merged(run, tracker, parent)
+        except Exception as e:  # nor must the registry (e.g. a server refusing a local path)
+            log.warning("could not register the merged model: %s", redact(str(e)))
         tracker.end_run(parent, status)
     return {"mlflow_parent_run_id": parent, "workdir": str(workdir), "stages": run.results}
 
@@ -113,6 +117,35 @@ def _publish_report(run: LifecycleRun, tracker: Tracker, parent: str) -> None:
         text = re.sub(r"!\[([^\]]*)\]\(([^)]*)\)", lambda m: f"`{report_dir / m.group(2)}`", text)
         create_markdown_artifact(markdown=text, key="lifecycle-report",
                                  description="Every model x every eval set, quant table, gates")
+
+
+REGISTRY_ALIAS_NEWEST = "candidate"      # the merged model of the newest run that made one
+REGISTRY_ALIAS_GATED = "champion"        # ... of the newest run whose report gates all passed
+
+
+def _register_merged(run: LifecycleRun, tracker: Tracker, parent: str) -> None:
+    """tracking.registered_model: the merged model as a version of that MLflow registered model
+    (source: its artifact dir, or its copy in the bucket when storage.remote is set), alias
+    `candidate` on it, and `champion` too when the report checked gates and all passed."""
+    name = (run.cfg.get("tracking") or {}).get("registered_model")
+    merged = run.results.get("merge")
+    if not name or merged is None:
+        return
+    source = run.remote.artifact_url("merge", merged["key"]) if run.remote is not None \
+        else str(Path(merged["artifact"]).resolve())
+    version = tracker.register_version(
+        name, source, run_id=merged["mlflow_run_id"], digest=merged["digest"],
+        tags={"llamaflow.cache_key": merged["key"], "llamaflow.parent_run_id": parent})
+    tracker.client.set_registered_model_alias(name, REGISTRY_ALIAS_NEWEST, version)
+    aliases = [REGISTRY_ALIAS_NEWEST]
+    gates = Path(run.results["report"]["artifact"]) / "gates.json" if "report" in run.results \
+        else None
+    if gates is not None and gates.is_file() and json.loads(gates.read_text())["passed"] is True:
+        tracker.client.set_registered_model_alias(name, REGISTRY_ALIAS_GATED, version)
+        aliases.append(REGISTRY_ALIAS_GATED)
+    tracker.set_tags(parent, {"llamaflow.registered_model": f"{name}/{version}"})
+    get_run_logger().info("merged model registered as %s version %s (%s)", name, version,
+                          ", ".join(aliases))
 
 
 def _summarise(run: LifecycleRun, tracker: Tracker, parent: str) -> None:

@@ -76,6 +76,10 @@ class RemoteStore:
             raise RuntimeError(f"storage.remote {where}: {e}; set {ENDPOINT_VARS[0]} to the "
                                "S3 endpoint") from None
 
+    def artifact_url(self, stage: str, key: str) -> str:
+        """s3://bucket/prefix/artifacts/<stage>/<key>: where that artifact's files are."""
+        return f"s3://{self.bucket}/{self.object_key(stage, key)}"
+
     def object_key(self, stage: str, key: str, rel: str = "") -> str:
         parts = [self.prefix, "artifacts", stage, key, rel]
         return "/".join(p for p in parts if p)

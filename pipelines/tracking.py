@@ -129,6 +129,26 @@ class Tracker:
         mon.start()
         return mon
 
+    def register_version(self, name: str, source: str, *, run_id: str | None, digest: str,
+                         tags: dict) -> str:
+        """The version of registered model `name` whose `llamaflow.digest` tag is `digest`, made
+        now (source, run, tags) unless one exists: a rerun that made the same bytes reuses it."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name, description=(
+                "Merged models made by llamaflow runs (base-zh + adapters); each version's source "
+                "is an artifact directory, its tags the content digest and cache key."))
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        for v in self.client.search_model_versions(f"name = '{name}'"):
+            if v.tags.get("llamaflow.digest") == digest:
+                return v.version
+        tags = {"llamaflow.digest": digest, **{k: redact(str(v)) for k, v in tags.items()}}
+        return self.client.create_model_version(name, source=source, run_id=run_id,
+                                                tags=tags).version
+
     def run_url(self, run_id: str) -> str:
         base = self.uri if self.uri.startswith("http") else "http://127.0.0.1:5000"
         return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"

@@ -267,7 +267,11 @@ def add_lora(model, lora: LoraSettings, *, gradient_checkpointing: bool = False)
 
     if gradient_checkpointing:
         # Non-reentrant checkpointing needs no enable_input_require_grads hack and works with DDP.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # transformers >= 5.2x renamed the method (the old name warns); older 5.x has only it.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
     config = LoraConfig(task_type="CAUSAL_LM", r=lora.r, lora_alpha=lora.alpha,
                         lora_dropout=lora.dropout, target_modules=list(lora.target_modules),

@@ -73,9 +73,33 @@ def test_mlflow_has_a_parent_run_with_one_nested_run_per_stage(first, workdir):
     assert by_label["evaluate[merged]"].data.metrics["en.ppl"] > 1
 
 
+def _registered(workdir) -> tuple[list, dict]:
+    client = _client(workdir)
+    versions = client.search_model_versions("name = 'llamaflow-demo'")
+    aliases = {a: client.get_model_version_by_alias("llamaflow-demo", a).version
+               for a in ("candidate", "champion")
+               if a in client.get_registered_model("llamaflow-demo").aliases}
+    return versions, aliases
+
+
+def test_the_merged_model_is_a_registered_model_version(first, workdir):
+    versions, aliases = _registered(workdir)
+    merge = first["stages"]["merge"]
+    assert len(versions) == 1
+    v = versions[0]
+    assert v.tags["llamaflow.digest"] == merge["digest"] and v.run_id == merge["mlflow_run_id"]
+    assert v.source == str((workdir / merge["artifact"]).resolve())
+    assert aliases["candidate"] == v.version
+    gates = json.loads((workdir / first["stages"]["report"]["artifact"] / "gates.json").read_text())
+    assert ("champion" in aliases) == (gates["passed"] is True)
+    parent = _client(workdir).get_run(first["mlflow_parent_run_id"])
+    assert parent.data.tags["llamaflow.registered_model"] == f"llamaflow-demo/{v.version}"
+
+
 def test_second_run_is_all_cache_hits(first, workdir):
     second = run_demo(workdir)
     assert set(_cache(second).values()) == {"hit"}
+    assert len(_registered(workdir)[0]) == 1     # the same merged bytes: the same version
     assert {k: r["artifact"] for k, r in second["stages"].items()} == \
         {k: r["artifact"] for k, r in first["stages"].items()}
 
@@ -85,6 +109,9 @@ def test_changing_one_stage_reruns_it_and_what_follows_only(first, workdir):
     cache = _cache(changed)
     assert {k for k, v in cache.items() if v == "hit"} == UPSTREAM_OF_SFT
     assert changed["stages"]["sft"]["digest"] != first["stages"]["sft"]["digest"]
+    versions, aliases = _registered(workdir)     # a new merged model: a new version, now candidate
+    newest = [v for v in versions if v.tags["llamaflow.digest"] == changed["stages"]["merge"]["digest"]]
+    assert len(versions) == 2 and aliases["candidate"] == newest[0].version
 
 
 def test_from_stage_recomputes_that_stage_and_after_with_identical_bytes(first, workdir):

@@ -48,15 +48,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from steps import MetricsCallback
+from steps.sft import ALPACA_ZH_TEMPLATE, format_prompt  # the prompt SFT trains on
 
 VERSION = "1"
 PROTOCOLS = ("llama.cpp", "strided")
-
-# Chinese-Alpaca's prompt (scripts/training/build_dataset.py); the SFT stage trains on the same
-# text, including the trailing space.
-ALPACA_TEMPLATE = ("Below is an instruction that describes a task. Write a response that "
-                   "appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
-                   "### Response: ")
 
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 
@@ -453,12 +448,7 @@ def load_prompts(path: Path) -> list[dict]:
     return [{"instruction": d["instruction"], "input": d.get("input", "") or ""} for d in data]
 
 
-def format_prompt(instruction: str, input: str = "", template: str = ALPACA_TEMPLATE) -> str:
-    # build_dataset.py: a non-empty input is appended to the instruction after a newline
-    return template.format(instruction=f"{instruction}\n{input}" if input else instruction)
-
-
-def generate(model, prompts: Sequence[dict | str], *, template: str = ALPACA_TEMPLATE,
+def generate(model, prompts: Sequence[dict | str], *, template: str = ALPACA_ZH_TEMPLATE,
              max_new_tokens: int = 128, greedy: bool = True, temperature: float = 0.2,
              top_p: float = 0.9, top_k: int = 40, repetition_penalty: float = 1.1, seed: int = 1,
              adapters: Sequence[Path] = (), n_ctx: int = 512, n_threads: int | None = None,
@@ -610,7 +600,7 @@ class Config(BaseModel):
     flash_attn: bool = False                # llama.cpp flash attention (llama-perplexity: -fa)
     device: str | None = None               # None = cuda when available, else cpu
     prompts: str | None = None              # JSON list of {instruction, input}; None = no generations
-    template: str = ALPACA_TEMPLATE
+    template: str = ALPACA_ZH_TEMPLATE
     max_new_tokens: int = 128
     modes: list[Literal["greedy", "sampled"]] = Field(default_factory=lambda: ["greedy", "sampled"])
     temperature: float = 0.2                # sampled mode: the recipe's inference defaults

@@ -105,12 +105,16 @@ def record_problem(rec: dict) -> str:
     return ""
 
 
+def format_prompt(instruction: str, input: str | None = "",
+                  template: str = ALPACA_ZH_TEMPLATE) -> str:
+    """The prompt text for one record; SFT trains on it and evaluate generates from it.
+    build_dataset.py: a non-empty input is appended to the instruction after a newline."""
+    return template.format(instruction=f"{instruction}\n{input}" if input else instruction)
+
+
 def encode(rec: dict, tokenizer, template: str, max_len: int) -> dict:
     """input_ids / labels for one good record (see the module docstring)."""
-    instruction = rec["instruction"]
-    if rec.get("input"):
-        instruction = instruction + "\n" + rec["input"]
-    source = tokenizer(template.format(instruction=instruction))["input_ids"]
+    source = tokenizer(format_prompt(rec["instruction"], rec.get("input"), template))["input_ids"]
     # EOS appended as an id (equal to tokenizing output + "</s>" as the recipe does, without
     # depending on how a tokenizer version parses special-token text inside a string)
     target = tokenizer(rec["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]

@@ -116,23 +116,15 @@ class LifecycleRun:
         return path
 
 
-def _paths(x):
+def _each_artifact(x, attr: str):
+    """`x` (an Artifact, or lists and dicts holding them) with every Artifact replaced by its
+    `attr` ("path" or "digest")."""
     if isinstance(x, Artifact):
-        return x.path
+        return getattr(x, attr)
     if isinstance(x, (list, tuple)):
-        return [_paths(v) for v in x]
+        return [_each_artifact(v, attr) for v in x]
     if isinstance(x, dict):
-        return {k: _paths(v) for k, v in x.items()}
-    return x
-
-
-def _digests(x):
-    if isinstance(x, Artifact):
-        return x.digest
-    if isinstance(x, (list, tuple)):
-        return [_digests(v) for v in x]
-    if isinstance(x, dict):
-        return {k: _digests(v) for k, v in x.items()}
+        return {k: _each_artifact(v, attr) for k, v in x.items()}
     return x
 
 
@@ -202,7 +194,7 @@ def _run_stage(run: LifecycleRun, name: str, label: str, group: str, extra: dict
                inputs: dict) -> Artifact:
     log = _logger()
     module, config, key_cfg, data = _step_config(run, name, extra)
-    input_digests = _digests(inputs)
+    input_digests = _each_artifact(inputs, "digest")
     key = cache_key(name, module.VERSION, key_cfg, {"artifacts": input_digests, "data": data})
     selected = group in run.selected
     forced = group in run.force
@@ -232,7 +224,7 @@ def _run_stage(run: LifecycleRun, name: str, label: str, group: str, extra: dict
         log.info("%s: cache %s, running (key %s)", label, "forced" if forced else "miss", key[:12])
         tmp = run.store.new_tmp(name, key)
         monitor = run.tracker.system_metrics(run_id) if name in GPU_STAGES else None
-        kwargs = dict(_paths(inputs))
+        kwargs = dict(_each_artifact(inputs, "path"))
         params = inspect.signature(module.run).parameters
         if "resume_dir" in params:  # checkpoints survive a crash: the rerun of this key resumes
             kwargs["resume_dir"] = run.workdir / "scratch" / name / key[:16]

@@ -37,6 +37,14 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def files_digest(files: list[dict], exclude=()) -> str:
+    """An artifact's digest: sha256 of its file list (path, size, sha256 of each). Files named in
+    `exclude`, by-products such as a training log with timings in it, count by name only, so a
+    stage that makes the same content again gets the same digest (and downstream keys hit)."""
+    listed = [{"path": f["path"]} if f["path"] in exclude else f for f in files]
+    return hashlib.sha256(canonical(listed)).hexdigest()
+
+
 def cache_key(stage: str, version: str, config: dict, inputs: dict) -> str:
     return hashlib.sha256(canonical(
         {"stage": stage, "version": version, "config": config, "inputs": inputs})).hexdigest()
@@ -128,7 +136,8 @@ class Store:
         return d
 
     def commit(self, tmp: Path, stage: str, key: str, *, version: str, config: dict,
-               inputs: dict, metrics: dict, extra: dict | None = None) -> Artifact:
+               inputs: dict, metrics: dict, extra: dict | None = None,
+               digest_exclude=()) -> Artifact:
         """Hash every file, write the manifest, and rename the temp dir into place (atomic: an
         interrupted stage leaves only a `.tmp-*` dir, never something that looks finished)."""
         files = []
@@ -137,8 +146,9 @@ class Store:
             if rel == MANIFEST:
                 raise RuntimeError(f"stage {stage} wrote its own {MANIFEST}; only pipelines may")
             files.append({"path": rel, "size": f.stat().st_size, "sha256": sha256_file(f)})
-        digest = hashlib.sha256(canonical(files)).hexdigest()
+        digest = files_digest(files, digest_exclude)
         manifest = {"stage": stage, "version": version, "key": key, "digest": digest,
+                    **({"digest_exclude": sorted(digest_exclude)} if digest_exclude else {}),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "inputs": inputs,
                     "config": config, "metrics": metrics, "files": files, **(extra or {})}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False, default=str))

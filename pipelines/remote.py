@@ -12,7 +12,6 @@ an instance role). Nothing here logs or raises with credentials in it.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,7 +19,7 @@ import shutil
 import uuid
 from pathlib import Path, PurePosixPath
 
-from pipelines.artifacts import MANIFEST, Artifact, canonical, sha256_file
+from pipelines.artifacts import MANIFEST, Artifact, files_digest, sha256_file
 
 ENDPOINT_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL")
 log = logging.getLogger("pipelines.remote")
@@ -123,7 +122,7 @@ class RemoteStore:
         if m.get("stage") != stage or m.get("key") != key:
             raise RemoteIntegrityError(f"{manifest_name} is for {m.get('stage')}/{m.get('key')}, "
                                        f"not {stage}/{key}")
-        if hashlib.sha256(canonical(m["files"])).hexdigest() != m["digest"]:
+        if files_digest(m["files"], m.get("digest_exclude", ())) != m["digest"]:
             raise RemoteIntegrityError(f"{manifest_name}: its file list does not match its digest")
         final = Path(local_final_dir)
         final.parent.mkdir(parents=True, exist_ok=True)

@@ -235,7 +235,8 @@ def _run_stage(run: LifecycleRun, name: str, label: str, group: str, extra: dict
                 run_id, m, step), **kwargs) or {}
             artifact = run.store.commit(tmp, name, key, version=module.VERSION, config=key_cfg,
                                         inputs={"artifacts": input_digests, "data": data},
-                                        metrics=metrics, extra={"label": label})
+                                        metrics=metrics, extra={"label": label},
+                                        digest_exclude=getattr(module, "DIGEST_EXCLUDE", ()))
             if "resume_dir" in kwargs:  # finished: its checkpoints are no longer needed
                 shutil.rmtree(kwargs["resume_dir"], ignore_errors=True)
         except BaseException as e:

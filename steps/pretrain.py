@@ -49,6 +49,7 @@ DATA_FIELDS = ("data",)
 # Checkpointing and the launcher timeout change neither the adapter nor its log (resume is
 # bitwise exact), so a longer timeout resumes the same run instead of starting a new key.
 CACHE_EXCLUDE = ("save_every", "save_total_limit", "launcher.timeout_s")
+DIGEST_EXCLUDE = ("trainer_log.jsonl",)   # its tokens_per_s differ run to run; the adapter doesn't
 
 
 def _group(batch: dict, block_size: int) -> dict:

@@ -32,6 +32,27 @@ def test_digest_is_sha256_of_the_file_list_and_independent_of_the_key(tmp_path):
     assert not [p for p in (tmp_path / "artifacts" / "convert").iterdir() if p.name.startswith(".tmp")]
 
 
+def test_digest_exclude_counts_a_by_product_by_name_only(tmp_path):
+    """A training log with timings in it must not make a retrained, identical adapter a new
+    digest; the adapter's own bytes and the log's presence still count; verify checks it all."""
+    store = Store(tmp_path / "artifacts")
+
+    def commit(key, files):
+        tmp = store.new_tmp("pretrain", key)
+        _write(tmp, files)
+        return store.commit(tmp, "pretrain", key, version="1", config={}, inputs={}, metrics={},
+                            digest_exclude=("trainer_log.jsonl",))
+
+    a = commit("k1", {"adapter.bin": b"w", "trainer_log.jsonl": b'{"tokens_per_s": 10}'})
+    b = commit("k2", {"adapter.bin": b"w", "trainer_log.jsonl": b'{"tokens_per_s": 11}'})
+    c = commit("k3", {"adapter.bin": b"W", "trainer_log.jsonl": b'{"tokens_per_s": 10}'})
+    d = commit("k4", {"adapter.bin": b"w"})
+    assert a.digest == b.digest and len({a.digest, c.digest, d.digest}) == 3
+    assert json.loads((a.path / MANIFEST).read_text())["digest_exclude"] == ["trainer_log.jsonl"]
+    (a.path / "trainer_log.jsonl").write_bytes(b"tampered")
+    assert store.verify(a) == ["trainer_log.jsonl"]
+
+
 def test_cache_key_changes_with_each_part():
     base = dict(stage="sft", version="1", config={"lr": 1e-4}, inputs={"model": "d1"})
     k = cache_key(**base)

@@ -22,7 +22,7 @@ from pydantic import Field
 from steps import MetricsCallback
 from steps.training import (TrainConfig, cache_key, dataset_dir, data_files, execute,
                             run_training, save_splits, sha256_files, tokenizer_digest,
-                            worker_main)
+                            with_data, worker_main)
 
 VERSION = "1"
 PREP_VERSION = "pt-1"            # bump when the preprocessing below changes its output
@@ -168,13 +168,9 @@ def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = N
 def train(cfg: Config | dict, model_dir: Path, data: list[Path] | Path | None, out_dir: Path,
           **kwargs) -> Path:
     """Plain entry point: train on `data` (overrides cfg.data) and return the adapter dir."""
-    cfg = Config.model_validate(cfg if isinstance(cfg, dict) else cfg.model_dump())
-    if data is not None:
-        cfg = cfg.model_copy(update={"data": [str(d) for d in (
-            [data] if isinstance(data, (str, Path)) else data)]})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    run(cfg, out_dir, model=Path(model_dir), **kwargs)
+    run(with_data(Config, cfg, data), out_dir, model=Path(model_dir), **kwargs)
     return out_dir
 
 

@@ -27,7 +27,7 @@ from pydantic import Field
 from steps import MetricsCallback
 from steps.training import (TrainConfig, cache_key, data_files, dataset_dir, execute,
                             run_training, save_splits, sha256_files, tokenizer_digest,
-                            worker_main)
+                            with_data, worker_main)
 
 VERSION = "1"
 PREP_VERSION = "sft-1"
@@ -297,13 +297,10 @@ def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = N
 def train(cfg: Config | dict, model_dir: Path, data: list[Path] | Path | None, out_dir: Path,
           base_adapters: list[Path] | tuple = (), **kwargs) -> Path:
     """Plain entry point: tune on `data` (overrides cfg.data) and return the adapter dir."""
-    cfg = Config.model_validate(cfg if isinstance(cfg, dict) else cfg.model_dump())
-    if data is not None:
-        cfg = cfg.model_copy(update={"data": [str(d) for d in (
-            [data] if isinstance(data, (str, Path)) else data)]})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    run(cfg, out_dir, model=Path(model_dir), adapters=list(base_adapters), **kwargs)
+    run(with_data(Config, cfg, data), out_dir, model=Path(model_dir), adapters=list(base_adapters),
+        **kwargs)
     return out_dir
 
 

@@ -137,6 +137,16 @@ def adapter_digest(adapter_dir: Path) -> str:
     return sha256_files(sorted(adapter_dir.glob("adapter_model.*")) + [adapter_dir / "adapter_config.json"])
 
 
+def with_data(config_cls, cfg, data):
+    """The plain entry points' config: `cfg` (a Config or a dict) validated as config_cls, with
+    `data` (one path or several; None keeps cfg.data) in place of cfg.data."""
+    cfg = config_cls.model_validate(cfg if isinstance(cfg, dict) else cfg.model_dump())
+    if data is None:
+        return cfg
+    return cfg.model_copy(update={"data": [str(d) for d in (
+        [data] if isinstance(data, (str, Path)) else data)]})
+
+
 def data_files(paths: Iterable[str | Path], suffixes: tuple[str, ...], field: str) -> list[Path]:
     """Expand files and directories (sorted, recursive) into data files; clear error when none."""
     out: list[Path] = []

@@ -134,6 +134,15 @@ def test_loss_decreases_when_overfitting_a_fixed_batch(tiny_hf_model, tmp_path):
     assert summary["train_loss"] < 0.5 * summary["first_train_loss"]
 
 
+def test_plain_entry_point_takes_a_dict_config_and_a_data_path(tiny_hf_model, tmp_path):
+    """pretrain.train: the notebook-style call; `data` replaces the config's data."""
+    cfg = _cfg(data=["/nonexistent.txt"], max_steps=2, eval_every=0).model_dump()
+    out = pretrain.train(cfg, tiny_hf_model, DEMO_DATA / "corpus_en.txt", tmp_path / "a")
+    summary = json.loads((out / "training_summary.json").read_text())
+    # it trained on the given path (the config's own data does not exist)
+    assert summary["steps"] == 2 and (out / "adapter_model.safetensors").is_file()
+
+
 def test_tokenized_data_is_cached_and_keyed(tiny_hf_model, tmp_path):
     cache = tmp_path / "cache"
     cfg = _cfg(max_steps=1, eval_every=0)

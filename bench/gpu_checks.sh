@@ -2,11 +2,12 @@
 # Everything that needs a CUDA GPU, as one script (CI has no GPU; run it on a GPU machine):
 #   1. the training throughput benchmark on a LLaMA-7B shape (bench/train_throughput.py):
 #      reference vs ours, ours with an fp32 residual stream, ours under FSDP2, ours compiled;
-#   2. the GPU tests (pytest -m gpu): DeepSpeed ZeRO-2/3 configs, CUDA perplexity = CPU;
+#   2. the GPU tests (pytest -m gpu): the pretrain stage in bf16 and under FSDP with resume,
+#      DeepSpeed ZeRO-2/3 configs, CUDA perplexity = CPU;
 #   3. reference vs ours with gradient checkpointing.
 # Logs and JSON go to $OUT (default bench/out). Each part has its own time limit, so one that
-# hangs cannot eat the others' time. Needs torch with CUDA, transformers, peft, pydantic (and
-# deepspeed + accelerate for the ZeRO tests, which skip without them).
+# hangs cannot eat the others' time. Needs the project installed with a CUDA torch (deepspeed
+# and accelerate for the ZeRO tests, which skip without them).
 set -u
 OUT=${OUT:-bench/out}
 PY=${PYTHON:-python3}
@@ -21,8 +22,9 @@ $PY -c "import torch, transformers, peft; print(torch.__version__, transformers.
 $PY bench/train_throughput.py --steps 12 --warmup 4 --timeout 120 --total-timeout 330 \
     --variants reference,ours,ours-fp32-residual,ours-fsdp,ours-compile \
     --json "$OUT/throughput.json" 2>&1 | tee "$OUT/throughput.log"
-timeout 150 $PY -m pytest -q -rs -m gpu -p no:cacheprovider \
-    tests/test_deepspeed_gpu.py tests/test_evaluate.py 2>&1 | tee "$OUT/pytest_gpu.log"
+timeout 240 $PY -m pytest -q -rs -m gpu -p no:cacheprovider \
+    tests/test_training_gpu.py tests/test_deepspeed_gpu.py tests/test_evaluate.py 2>&1 \
+    | tee "$OUT/pytest_gpu.log"
 $PY bench/train_throughput.py --steps 12 --warmup 4 --timeout 60 --total-timeout 120 \
     --gradient-checkpointing --variants reference,ours \
     --json "$OUT/throughput_gc.json" 2>&1 | tee "$OUT/throughput_gc.log"

@@ -69,21 +69,11 @@ DATA_FIELDS = ("extra_sp", "corpus", "eval_zh", "eval_en")
 # --------------------------------------------------------------------------------------------
 
 def _corpus_files(corpus: list[Path] | Path) -> list[Path]:
-    paths = [Path(corpus)] if isinstance(corpus, (str, Path)) else [Path(p) for p in corpus]
-    files: list[Path] = []
-    for p in paths:
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in (".txt", ".jsonl"))
-        elif p.is_file():
-            if p.suffix not in (".txt", ".jsonl"):
-                raise ValueError(f"{p}: corpus files must be .txt (one text per line) or .jsonl "
-                                 "(one object with a `text` field per line)")
-            files.append(p)
-        else:
-            raise FileNotFoundError(f"corpus path {p} does not exist")
-    if not files:
-        raise ValueError(f"corpus {[str(p) for p in paths]} holds no .txt or .jsonl files")
-    return files
+    """.txt (one text per line) and .jsonl (a `text` field per line) files, directories expanded."""
+    from steps.training import data_files
+
+    return data_files([corpus] if isinstance(corpus, (str, Path)) else corpus,
+                      (".txt", ".jsonl"), "vocab.corpus")
 
 
 def iter_corpus(corpus: list[Path] | Path) -> Iterator[str]:

@@ -105,9 +105,8 @@ def _publish_report(run: LifecycleRun, tracker: Tracker, parent: str) -> None:
     for f in sorted(report_dir.iterdir()):
         if f.name != "manifest.json":
             tracker.log_file(parent, f, "report")
-    gates = report_dir / "gates.json"
-    if gates.is_file():
-        passed = json.loads(gates.read_text())["passed"]
+    if (report_dir / "gates.json").is_file():
+        passed = _gates_passed(run)
         tracker.set_tags(parent, {"llamaflow.gates_passed":
                                   "not checked" if passed is None else passed})
     md = report_dir / "report.md"
@@ -117,6 +116,14 @@ def _publish_report(run: LifecycleRun, tracker: Tracker, parent: str) -> None:
         text = re.sub(r"!\[([^\]]*)\]\(([^)]*)\)", lambda m: f"`{report_dir / m.group(2)}`", text)
         create_markdown_artifact(markdown=text, key="lifecycle-report",
                                  description="Every model x every eval set, quant table, gates")
+
+
+def _gates_passed(run: LifecycleRun) -> bool | None:
+    """The report's verdict: True/False, or None when no gate was checked or no report was made."""
+    if "report" not in run.results:
+        return None
+    gates = Path(run.results["report"]["artifact"]) / "gates.json"
+    return json.loads(gates.read_text())["passed"] if gates.is_file() else None
 
 
 REGISTRY_ALIAS_NEWEST = "candidate"      # the merged model of the newest run that made one
@@ -138,9 +145,7 @@ def _register_merged(run: LifecycleRun, tracker: Tracker, parent: str) -> None:
         tags={"llamaflow.cache_key": merged["key"], "llamaflow.parent_run_id": parent})
     tracker.client.set_registered_model_alias(name, REGISTRY_ALIAS_NEWEST, version)
     aliases = [REGISTRY_ALIAS_NEWEST]
-    gates = Path(run.results["report"]["artifact"]) / "gates.json" if "report" in run.results \
-        else None
-    if gates is not None and gates.is_file() and json.loads(gates.read_text())["passed"] is True:
+    if _gates_passed(run) is True:
         tracker.client.set_registered_model_alias(name, REGISTRY_ALIAS_GATED, version)
         aliases.append(REGISTRY_ALIAS_GATED)
     tracker.set_tags(parent, {"llamaflow.registered_model": f"{name}/{version}"})

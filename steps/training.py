@@ -293,13 +293,17 @@ def add_lora(model, lora: LoraSettings, *, gradient_checkpointing: bool = False)
     return model
 
 
+def _whole(t):
+    """A tensor as a whole: an FSDP DTensor shard is all-gathered (collective), others as is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
 def trainable_state(model) -> dict:
     """The trainable tensors (LoRA A/B, modules_to_save copies), whole and on the CPU. Under FSDP
-    they are DTensor shards and `full_tensor()` all-gathers them: every rank must call this."""
+    they are DTensor shards and are all-gathered: every rank must call this."""
     if hasattr(model, "reshard"):
         model.reshard()      # FSDP: the root stays unsharded after a forward without backward
-    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
-            .to("cpu", copy=True).contiguous()
+    return {n: _whole(p).detach().to("cpu", copy=True).contiguous()
             for n, p in model.named_parameters() if p.requires_grad}
 
 
@@ -391,8 +395,8 @@ class Trainer:
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.fsdp = cfg.launcher.strategy == "fsdp"
         if self.fsdp:
-            if precision == "fp16":
-                raise ValueError("launcher.strategy=fsdp trains in bf16 or fp32; set precision "
+            if precision == "fp16":     # precision auto on a GPU without bf16 (the Config
+                raise ValueError(        # validator already refuses an explicit fp16)"launcher.strategy=fsdp trains in bf16 or fp32; set precision "
                                  "bf16 (or fp32), or use strategy ddp for fp16")
             if not torch.distributed.is_initialized():
                 raise RuntimeError("launcher.strategy=fsdp runs under torchrun (steps.training."
@@ -639,8 +643,7 @@ class Trainer:
             self.step += 1
             self.acc["n"] += 1
             self.acc["loss"] += float(step_loss)       # one sync per optimizer step
-            self.acc["grad_norm"] += float(norm.full_tensor() if hasattr(norm, "full_tensor")
-                                           else norm)
+            self.acc["grad_norm"] += float(_whole(norm))
             last = self.step == self.total_steps
 
             if self.step % cfg.log_every == 0 or last:

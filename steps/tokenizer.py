@@ -73,7 +73,13 @@ def build_hf_tokenizer(sp_model: Path):
     if spec.precompiled_charsmap:
         norm.append(normalizers.Precompiled(spec.precompiled_charsmap))
     if spec.remove_extra_whitespaces:
-        norm += [normalizers.Strip(left=True, right=True),
+        # SentencePiece drops leading and trailing spaces and collapses runs of them, where a
+        # space is U+0020 after the charsmap above: with the identity normalizer "\n", "\t" and
+        # U+3000 stay (byte pieces or their own pieces), with nmt_nfkc they have become " " by
+        # now. normalizers.Strip would strip every Unicode whitespace (a story's leading and
+        # trailing newlines), so only " " is matched here. \A and \z, not ^ and $: in these
+        # regexes ^ and $ match at every line break, which would strip spaces around each "\n".
+        norm += [normalizers.Replace(Regex(r"\A +"), ""), normalizers.Replace(Regex(r" +\z"), ""),
                  normalizers.Replace(Regex(" {2,}"), " ")]
     if spec.add_dummy_prefix:
         norm.append(normalizers.Prepend("▁"))

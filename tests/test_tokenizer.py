@@ -78,3 +78,80 @@ def test_not_a_sentencepiece_model_names_the_file(tmp_path):
         save_hf_tokenizer(bad, tmp_path / "out")
     with pytest.raises(FileNotFoundError, match="missing.model"):
         load_sp_proto(tmp_path / "missing.model")
+
+
+# ------------------------------------------------------------------ whole texts, every tokenizer
+
+EDGE_TEXTS = [
+    "\nOnce upon a time.\n",                    # a story's leading and trailing newline
+    "\n\n  two spaces after two newlines  \n\n",
+    "\t tab,\t\ttabs \t",
+    "   runs    of     spaces   ",
+    "\u3000全角空格\u3000\u3000之间\u3000",          # U+3000: a space only after nmt_nfkc
+    "中文 混合 English\n  缩进的行\n",
+    "a \n b\r\nc\u00a0\u00a0d",
+    " \n ",
+    "   ",
+]
+
+
+def _variant(sp_model, out, *, dummy: bool, charsmap_from=None):
+    """`sp_model` with add_dummy_prefix set to `dummy` (and another model's normaliser)."""
+    proto = load_sp_proto(sp_model)
+    if charsmap_from is not None:
+        proto.normalizer_spec.CopyFrom(load_sp_proto(charsmap_from).normalizer_spec)
+    proto.normalizer_spec.add_dummy_prefix = dummy
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(proto.SerializeToString())
+    return out
+
+
+@pytest.fixture(scope="module")
+def every_tokenizer(shared_data, tiny_sp_model, tmp_path_factory):
+    """Each SentencePiece model the project ships or makes, with add_dummy_prefix on and off:
+    LLaMA's (identity, spaces kept), stories260K's tok512 (identity, extra spaces removed),
+    chinese_sp merged into LLaMA's by the vocab stage, the tests' tiny one, and tok512 with
+    chinese_sp's nmt_nfkc charsmap (a charsmap before the whitespace rules)."""
+    from steps.vocab import merge_tokenizers
+
+    root = tmp_path_factory.mktemp("every_tokenizer")
+    llama = shared_data / "tokenizers" / "llama_tokenizer.model"
+    zh_sp = shared_data / "tokenizers" / "chinese_sp.model"
+    tok512 = shared_data / "models" / "stories260K" / "tok512.model"
+    merged = merge_tokenizers(llama, zh_sp, root / "merged") / "tokenizer.model"
+    models = {"llama": (llama, None), "tok512": (tok512, None), "merged": (merged, None),
+              "tiny": (tiny_sp_model, None), "tok512-nfkc": (tok512, zh_sp)}
+    out = {}
+    for name, (model, charsmap) in models.items():
+        for dummy in (True, False):
+            sp_file = _variant(model, root / f"{name}-{dummy}" / "sp" / "tokenizer.model",
+                               dummy=dummy, charsmap_from=charsmap)
+            save_hf_tokenizer(sp_file, root / f"{name}-{dummy}" / "hf")
+            out[f"{name}-dummy{int(dummy)}"] = (sp_file, root / f"{name}-{dummy}" / "hf")
+    assert load_sp_proto(tok512).normalizer_spec.remove_extra_whitespaces
+    assert not load_sp_proto(llama).normalizer_spec.remove_extra_whitespaces
+    return out
+
+
+@pytest.mark.parametrize("name", [f"{n}-dummy{d}" for n in
+                                  ("llama", "tok512", "merged", "tiny", "tok512-nfkc")
+                                  for d in (1, 0)])
+def test_hf_matches_sentencepiece_on_whole_texts(every_tokenizer, shared_data, name):
+    # Whole files, as the evaluate stage tokenizes them: leading and trailing newlines, runs of
+    # spaces and tabs survive or go exactly as SentencePiece's normaliser decides (tok512 used to
+    # lose the sample's edge newlines in HF: 1878 ids against SentencePiece's and llama.cpp's 1883).
+    sp_file, hf_dir = every_tokenizer[name]
+    sp = spm.SentencePieceProcessor(model_file=str(sp_file))
+    hf = AutoTokenizer.from_pretrained(str(hf_dir))
+    texts = {"tinystories": shared_data / "eval/tinystories/tinystories_sample.txt",
+             "zh": shared_data / "eval/zh/libai_doc.txt"}
+    texts |= {p.name: p for p in sorted(DEMO_DATA.glob("*.txt"))}
+    texts = {k: p.read_text(encoding="utf-8") for k, p in texts.items()}
+    texts |= {f"edge{i}": t for i, t in enumerate(EDGE_TEXTS)}
+    for key, text in texts.items():
+        ids = hf(text)["input_ids"]
+        assert ids == [sp.bos_id()] + sp.encode(text), (name, key)
+        assert hf.backend_tokenizer.normalizer.normalize_str(text) == sp.normalize(text), (name, key)
+        assert hf.decode(ids, skip_special_tokens=True) == sp.decode(ids[1:]), (name, key)
+    if name.startswith("tok512-dummy1"):
+        assert len(hf(texts["tinystories"])["input_ids"]) == 1883

@@ -163,6 +163,8 @@ def main() -> None:
         print(json.dumps(fn(Path(meta), Path(out))))
         return
 
+    if args.workdir is not None:  # a folder that does not exist yet is made, not an error
+        args.workdir.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="bench_convert_", dir=args.workdir))
     try:
         meta = args.meta or root / "meta"

@@ -140,7 +140,8 @@ def compare(a_dir: Path, b_dir: Path) -> dict:
 def main() -> None:
     global LAYERS
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="folder for the bench's own temp dir (made when missing; default: /tmp)")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--layers", type=int, default=LAYERS, help="fewer for a quick smoke run")
     ap.add_argument("--child", nargs=4, metavar=("WHICH", "BASE", "ADAPTER", "OUT"),
@@ -152,7 +153,10 @@ def main() -> None:
         return
 
     LAYERS = args.layers
-    root = Path(args.workdir or tempfile.mkdtemp(prefix="llamaflow-bench-merge-"))
+    # Our own temp dir inside --workdir: the cleanup below removes it, never the user's folder.
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="llamaflow-bench-merge-", dir=args.workdir))
     try:
         t0 = time.time()
         base, adapter = synthesize(root)

@@ -105,6 +105,7 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the model and GGUF files")
     args = ap.parse_args()
     w = args.workdir
+    w.mkdir(parents=True, exist_ok=True)  # a folder that does not exist yet is made, not an error
     t = time.perf_counter()
     hf = make_model(w / "hf")
     print(f"model: {hf} ({sum(f.stat().st_size for f in hf.glob('*.safetensors')) / 1e9:.2f} GB bf16, "

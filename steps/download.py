@@ -804,10 +804,29 @@ def _import_llama2c(src: Llama2cSource, dest: Path, digests: bool) -> None:
 
 # ----------------------------------------------------------------------------- entry points
 
+def _as_source(source) -> "Source":
+    """A Source model from a model, its dict, or a plain local folder (str or Path). A URL string
+    is refused with the dict to pass: its shard count cannot be guessed from the URL."""
+    if isinstance(source, (LocalSource, UrlSource, HfSource, Llama2cSource)):
+        return source
+    if isinstance(source, dict):
+        return Config(source=source).source
+    if isinstance(source, (str, os.PathLike)):
+        text = str(source)
+        if re.match(r"^[a-z][a-z0-9+.-]*://", text):
+            raise TypeError(
+                f"download() got the URL string {redact(text)!r}; pass a source dict such as "
+                "{'kind': 'url', 'url_env': 'LLAMA_PRESIGNED_URL', 'n_shards': 1, "
+                "'model_dir': '7B'} (url_env names the variable holding the presigned URL)")
+        return LocalSource(kind="local", path=text)
+    raise TypeError(f"download() takes a source dict (e.g. {{'kind': 'local', 'path': "
+                    f"'/data/llama'}}), a local folder path or a Source model, not "
+                    f"{type(source).__name__}")
+
+
 def _download(source, dest: Path, *, workers: int, retries: int, progress: bool, verify: bool,
               on_metrics: MetricsCallback | None = None) -> tuple[Path, dict]:
-    if isinstance(source, dict):
-        source = Config(source=source).source
+    source = _as_source(source)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     stats, t0 = _Stats(), time.perf_counter()
@@ -870,7 +889,7 @@ def _download(source, dest: Path, *, workers: int, retries: int, progress: bool,
     return dest, metrics
 
 
-def download(source: Source | dict, dest: Path, *, workers: int = 4, retries: int = 3,
+def download(source: "Source | dict | str | os.PathLike", dest: Path, *, workers: int = 4, retries: int = 3,
              progress: bool = True, verify: bool = True) -> Path:
     """Fetch `source` into `dest` as a flat, verified Meta layout and return `dest`. Files already
     in `dest` that verify are not fetched again; `<name>.part` files are resumed."""

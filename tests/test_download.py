@@ -270,6 +270,23 @@ def test_local_source_copies_and_verifies(meta_root, tmp_path):
         (meta_root / "7B" / "consolidated.00.pth").stat().st_ino
 
 
+def test_plain_path_or_url_string(meta_root, tmp_path):
+    """download() with a str: a local folder is a local source; a URL string (its shard count
+    unknown) is a TypeError that shows the dict to pass, with the signature redacted."""
+    flat = tmp_path / "flat"
+    shutil.copytree(meta_root / "7B", flat)
+    for name in ("tokenizer.model", "tokenizer_checklist.chk"):
+        shutil.copyfile(meta_root / name, flat / name)
+    out = dl.download(str(flat), tmp_path / "from_str", progress=False)
+    assert_same_files(meta_root, out)
+    assert dl.download(flat, tmp_path / "from_path", progress=False) == tmp_path / "from_path"
+    with pytest.raises(TypeError, match=r"'kind': 'url'.*'n_shards'") as e:
+        dl.download(f"https://example.com/llama/*?{SIG}", tmp_path / "x", progress=False)
+    assert "SECRETSIG" not in str(e.value)
+    with pytest.raises(TypeError, match="source dict"):
+        dl.download(42, tmp_path / "y", progress=False)
+
+
 def test_local_source_with_a_corrupted_file(meta_root, tmp_path):
     src = tmp_path / "src"
     shutil.copytree(meta_root, src)

@@ -22,9 +22,6 @@ from pathlib import Path
 from pipelines.config import load_config
 
 DEPLOY_CONFIG = "deploy/default"
-# Module path, not file path: workers import the installed package (infra/docker images), so a
-# work-pool deployment needs neither code storage nor a built image.
-FLOW_ENTRYPOINT = "pipelines.lifecycle.lifecycle"
 _DEPLOYMENT_KEYS = {"description", "pool", "cron", "timezone", "overrides", "from_stage", "tags"}
 
 
@@ -101,6 +98,8 @@ def deployments(cfg: dict, names: list[str] | None = None, *, for_work_pools: bo
         if d.get("cron"):
             kwargs["schedules"] = [Cron(d["cron"], timezone=d.get("timezone") or "UTC")]
         if for_work_pools:
+            # Module path, not file path: workers import the installed package (infra/docker
+            # images), so a work-pool deployment needs neither code storage nor a built image.
             kwargs.update(work_pool_name=d["pool"], entrypoint_type=EntrypointType.MODULE_PATH)
         out.append(lifecycle.to_deployment(**kwargs))
     return out

@@ -63,10 +63,31 @@ def cmd_run(args) -> int:
     for i, ov in enumerate(runs):
         if len(runs) > 1:
             print(f"== multirun {i + 1}/{len(runs)}: {' '.join(ov)}", flush=True)
-        results.append(lifecycle(overrides=ov, from_stage=args.from_stage))
+        try:
+            results.append(lifecycle(overrides=ov, from_stage=args.from_stage))
+        except RuntimeError as e:
+            if not _ephemeral_server_timed_out(e):
+                raise
+            return 2
     for r in results:
         _print_result(r)
     return 0
+
+
+def _ephemeral_server_timed_out(e: BaseException) -> bool:
+    """Prefect's own error when its temporary server does not answer in time names no fix:
+    print one that does (True), or leave the error alone (False)."""
+    if "Timed out while attempting to connect to ephemeral Prefect API server" not in str(e):
+        return False
+    from pipelines import EPHEMERAL_STARTUP_TIMEOUT_ENV
+
+    limit = os.environ.get(EPHEMERAL_STARTUP_TIMEOUT_ENV)
+    print(f"llamaflow: Prefect's temporary server (PREFECT_HOME={os.environ.get('PREFECT_HOME')}) "
+          f"did not start within {EPHEMERAL_STARTUP_TIMEOUT_ENV}={limit} s. On a busy machine "
+          f"allow it longer, e.g. `export {EPHEMERAL_STARTUP_TIMEOUT_ENV}=600`, or start one "
+          "server for all runs (`prefect server start`) and set PREFECT_API_URL="
+          "http://127.0.0.1:4200/api.", file=sys.stderr)
+    return True
 
 
 def _print_result(result: dict) -> None:

@@ -40,3 +40,24 @@ def test_greedy_continuation_is_llama2c_s(stories_hf):
     out = model.generate(**ids, max_new_tokens=30, do_sample=False)
     assert out[0, len(PROMPT_IDS):].tolist() == GREEDY_30
     assert tok.decode(GREEDY_30).startswith(", there was a little girl named Lily.")
+
+
+def test_tinystories_perplexity_llama_cpp_protocol(stories_hf, shared_data, tmp_path):
+    """The TinyStories sample under llama-perplexity's protocol at n_ctx 256: 1883 text ids
+    (SentencePiece's count, leading/trailing newlines kept), 7 chunks, PPL pinned to 4 decimals;
+    an f32 GGUF on llama.cpp scores the same ids to within its float accumulation."""
+    import sentencepiece as spm
+
+    from steps.evaluate import perplexity
+    from steps.quantize import export_gguf
+
+    text = shared_data / "eval" / "tinystories" / "tinystories_sample.txt"
+    sp = spm.SentencePieceProcessor(model_file=str(stories_hf / "tokenizer.model"))
+    hf = perplexity(stories_hf, text, n_ctx=256, protocol="llama.cpp", progress=False)
+    assert hf["n_text_tokens"] == 1 + len(sp.encode(text.read_text(encoding="utf-8"))) == 1883
+    assert (hf["n_chunks"], hf["n_scored"]) == (7, 889)
+    assert hf["ppl"] == pytest.approx(6.8979, abs=5e-5)
+    gguf = perplexity(export_gguf(stories_hf, tmp_path / "f32.gguf", "f32"), text, n_ctx=256,
+                      protocol="llama.cpp", progress=False)
+    assert gguf["n_text_tokens"] == hf["n_text_tokens"]
+    assert gguf["ppl"] == pytest.approx(hf["ppl"], rel=1e-4)

@@ -51,6 +51,20 @@ def test_first_run_computes_every_stage_into_content_addressed_dirs(first, workd
                                           "adapters": [first["stages"]["pretrain"]["digest"]]}
 
 
+# The demo recipe's first 8 pretrain losses (CPU, fp32), pinned: a silent drift in a default
+# (data, tokenizer, init, schedule, loss) moves them. Step 1 runs at lr 0 (linear warm-up from 0).
+DEMO_PRETRAIN_LOSSES = [6.873016357421875, 6.924763202667236, 6.842403411865234,
+                        6.725796699523926, 6.643552303314209, 6.476600646972656,
+                        6.256866455078125, 6.298048496246338]
+
+
+def test_demo_pretrain_losses_are_golden(first, workdir):
+    log = workdir / first["stages"]["pretrain"]["artifact"] / "trainer_log.jsonl"
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r][:8]
+    assert losses == pytest.approx(DEMO_PRETRAIN_LOSSES, rel=1e-5)
+
+
 def test_mlflow_has_a_parent_run_with_one_nested_run_per_stage(first, workdir):
     client = _client(workdir)
     parent = client.get_run(first["mlflow_parent_run_id"])

@@ -13,7 +13,8 @@ Why the HF tokenizer is built here instead of by `LlamaTokenizer.from_pretrained
 - loading a tokenizer.json as `LlamaTokenizer` rebuilds that pre-tokenizer whatever the file says.
 So the tokenizer.json written here ranks merges by score, puts SentencePiece's normalisation in a
 normalizer (the "legacy" Llama conversion: prepend "▁", spaces -> "▁"), and is saved with the
-generic fast-tokenizer class so AutoTokenizer loads it verbatim.
+generic fast-tokenizer class so AutoTokenizer loads it verbatim (transformers 5 and 4.x alike;
+see save_tokenizer, which also writes the added_tokens.json llama.cpp's converter reads).
 """
 from __future__ import annotations
 
@@ -117,11 +118,49 @@ def save_hf_tokenizer(sp_model: Path, out_dir: Path, pad_token: str | None = Non
         pad_token = piece(spec.pad_id)
     if pad_token is not None:
         tok.add_special_tokens({"pad_token": pad_token})
-    out_dir.mkdir(parents=True, exist_ok=True)
     # BOS lives in tokenizer.json's post-processor: transformers 5 drops add_bos_token from
     # tokenizer_config.json whenever a tokenizer.json is present (tok.add_bos_token reads False
     # after loading, yet ids start with BOS).
-    tok.save_pretrained(out_dir)
+    save_tokenizer(tok, out_dir)
     if sp_model.resolve() != (out_dir / "tokenizer.model").resolve():
         shutil.copyfile(sp_model, out_dir / "tokenizer.model")
     return len(tok)
+
+
+# The class tokenizer_config.json names: transformers 4.x knows no "TokenizersBackend" (what 5
+# writes) and refuses to load it; 4.x loads "PreTrainedTokenizerFast" from tokenizer.json as it
+# stands, and 5 maps the name onto TokenizersBackend, which also takes tokenizer.json verbatim.
+TOKENIZER_CLASS = "PreTrainedTokenizerFast"
+
+
+def save_tokenizer(tok, out_dir: Path) -> None:
+    """`tok.save_pretrained(out_dir)` plus what other readers of the files need.
+
+    - tokenizer_config.json names TOKENIZER_CLASS, so transformers 4.x and 5 both load it;
+    - added_tokens.json maps each added token that is not a vocabulary piece ([PAD]) to its id,
+      as transformers 4.x wrote it and Chinese-LLaMA-Alpaca's tokenizers ship it. llama.cpp's
+      convert_hf_to_gguf.py builds the GGUF vocabulary from tokenizer.model and fills the ids
+      past its pieces from added_tokens.json (text as given, USER_DEFINED); without the file
+      [PAD] became the placeholder "[PAD49953]", UNUSED. USER_DEFINED is also what the quantize
+      stage's exporter gives it, so both routes to a GGUF give one vocabulary.
+      No added_tokens_decoder is written: the converter turns every entry marked special into a
+      CONTROL token, <unk> included (UNKNOWN in tokenizer.model), and both transformers versions
+      take the added tokens from tokenizer.json."""
+    import json
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok.save_pretrained(out_dir)
+    cfg_file = out_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+    cfg["tokenizer_class"] = TOKENIZER_CLASS
+    cfg_file.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    data = json.loads((out_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    pieces = data["model"]["vocab"]
+    added = {t["content"]: t["id"] for t in data.get("added_tokens", [])
+             if t["content"] not in pieces}
+    if added:
+        (out_dir / "added_tokens.json").write_text(
+            json.dumps(added, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    else:
+        (out_dir / "added_tokens.json").unlink(missing_ok=True)

@@ -2,6 +2,9 @@
 SentencePiece's ids (what llama.cpp uses) on real text."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import sentencepiece as spm
 from transformers import AutoTokenizer
@@ -155,3 +158,107 @@ def test_hf_matches_sentencepiece_on_whole_texts(every_tokenizer, shared_data, n
         assert hf.decode(ids, skip_special_tokens=True) == sp.decode(ids[1:]), (name, key)
     if name.startswith("tok512-dummy1"):
         assert len(hf(texts["tinystories"])["input_ids"]) == 1883
+
+
+# ------------------------------------------------------------------ files other readers load
+
+def test_files_name_a_class_transformers_4_knows_and_list_added_tokens(tiny_sp_model, tmp_path):
+    # transformers 5 writes tokenizer_class "TokenizersBackend", which 4.x refuses to load;
+    # llama.cpp's converter takes the ids past tokenizer.model's pieces from added_tokens.json.
+    n = spm.SentencePieceProcessor(model_file=str(tiny_sp_model)).get_piece_size()
+    save_hf_tokenizer(tiny_sp_model, tmp_path / "pad", pad_token="[PAD]")
+    save_hf_tokenizer(tiny_sp_model, tmp_path / "plain")
+    for d in ("pad", "plain"):
+        cfg = json.loads((tmp_path / d / "tokenizer_config.json").read_text())
+        assert cfg["tokenizer_class"] == "PreTrainedTokenizerFast"
+        # an added_tokens_decoder entry marked special would become a CONTROL token in the converter
+        assert "added_tokens_decoder" not in cfg
+    assert json.loads((tmp_path / "pad" / "added_tokens.json").read_text()) == {"[PAD]": n}
+    assert not (tmp_path / "plain" / "added_tokens.json").exists()   # nothing past the pieces
+    # transformers 5 still loads the files verbatim: same ids as SentencePiece, [PAD] last
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "pad"))
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_sp_model))
+    text = (DEMO_DATA / "eval_en.txt").read_text(encoding="utf-8")
+    assert tok(text)["input_ids"] == [1] + sp.encode(text)
+    assert (len(tok), tok.pad_token_id) == (n + 1, n)
+
+
+def _llama_cpp_converter(cache) -> Path:
+    """llama.cpp's convert_hf_to_gguf.py (with its conversion/ package) from the sdist of the
+    installed llama-cpp-python: $LLAMAFLOW_LLAMA_CPP_SRC, pytest's cache, or `pip download`."""
+    import os
+    import subprocess
+    import sys
+    import tarfile
+    import tempfile
+
+    import llama_cpp
+
+    if os.environ.get("LLAMAFLOW_LLAMA_CPP_SRC"):
+        return Path(os.environ["LLAMAFLOW_LLAMA_CPP_SRC"])
+    root = cache.mkdir(f"llama_cpp_convert_{llama_cpp.__version__}")
+    if (root / "convert_hf_to_gguf.py").is_file() and (root / "conversion").is_dir():
+        return root
+    with tempfile.TemporaryDirectory() as tmp:
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
+                            ":all:", "-d", tmp, f"llama-cpp-python=={llama_cpp.__version__}"],
+                           capture_output=True, text=True, timeout=900)
+        sdists = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+        if r.returncode or not sdists:
+            msg = f"llama-cpp-python sdist not downloadable: {r.stderr[-500:]}"
+            if os.environ.get("CI") == "true":
+                pytest.fail(msg + " (CI=true: this test must run)")
+            pytest.skip(msg)
+        with tarfile.open(sdists[0]) as tf:
+            prefix = tf.getnames()[0].split("/")[0] + "/vendor/llama.cpp/"
+            members = [m for m in tf.getmembers() if m.name == prefix + "convert_hf_to_gguf.py"
+                       or m.name.startswith(prefix + "conversion/")]
+            for m in members:
+                m.name = m.name[len(prefix):]
+            tf.extractall(root, members=members, filter="data")
+    return root
+
+
+def test_llama_cpp_converter_reads_pad_and_vocabulary(tiny_sp_model, tmp_path, pytestconfig):
+    # A Chinese-Alpaca-like model dir (pieces + [PAD], embedding rows = len(tokenizer)) through
+    # llama.cpp's own converter, run against the installed gguf package (NO_LOCAL_GGUF).
+    import os
+    import subprocess
+    import sys
+
+    import gguf
+    import llama_cpp
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from steps.quantize import _vocab
+
+    converter = _llama_cpp_converter(pytestconfig.cache)
+    n = spm.SentencePieceProcessor(model_file=str(tiny_sp_model)).get_piece_size()
+    model = tmp_path / "model"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=n + 1, hidden_size=64, intermediate_size=128,
+                                 num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                 bos_token_id=1, eos_token_id=2)).save_pretrained(model)
+    assert save_hf_tokenizer(tiny_sp_model, model, pad_token="[PAD]") == n + 1
+    out = tmp_path / "vocab.gguf"
+    r = subprocess.run([sys.executable, str(converter / "convert_hf_to_gguf.py"), str(model),
+                        "--vocab-only", "--outfile", str(out)], capture_output=True, text=True,
+                       env=os.environ | {"NO_LOCAL_GGUF": "1"}, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    f = gguf.GGUFReader(out).fields
+    tokens, types = f["tokenizer.ggml.tokens"].contents(), f["tokenizer.ggml.token_type"].contents()
+    assert len(tokens) == n + 1
+    assert tokens[n] == "[PAD]" and types[n] == gguf.TokenType.USER_DEFINED   # not [PAD320], UNUSED
+    assert f["tokenizer.ggml.padding_token_id"].contents() == n
+    # the converter and the quantize stage's exporter give one vocabulary
+    ours = _vocab(model, n + 1)
+    assert tokens == [t.decode() for t in ours["tokens"]] and types == ours["types"]
+    assert f["tokenizer.ggml.scores"].contents() == pytest.approx(ours["scores"])
+    # llama.cpp on that vocabulary tokenizes a whole text as SentencePiece does
+    llm = llama_cpp.Llama(str(out), vocab_only=True, verbose=False)
+    sp = spm.SentencePieceProcessor(model_file=str(tiny_sp_model))
+    text = (DEMO_DATA / "eval_en.txt").read_text(encoding="utf-8")
+    assert llm.tokenize(text.encode(), add_bos=True, special=False) == [1] + sp.encode(text)
+    llm.close()

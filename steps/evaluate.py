@@ -36,6 +36,7 @@ each result also normalises the same summed NLL by the text the scored tokens st
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -113,6 +114,7 @@ class HFModel:
             if i < len(adapters) - 1:
                 model = model.merge_and_unload()
         self.model = model.to(self.device).eval()
+        self.n_vocab = int(self.model.get_input_embeddings().weight.shape[0])
         self.tokenizer = AutoTokenizer.from_pretrained(tok_dir)
         self.bos_id = self.tokenizer.bos_token_id
         self.adapters = adapters
@@ -202,6 +204,7 @@ class GGUFModel:
                              n_gpu_layers=-1 if (device or "").startswith("cuda") else 0,
                              flash_attn=flash_attn, verbose=False)
         self.bos_id = self.llm.token_bos()
+        self.n_vocab = int(self.llm.n_vocab())
         self.adapters: list[Path] = []
 
     def close(self) -> None:
@@ -642,8 +645,12 @@ def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = N
 
 def _run_loaded(config: Config, out_dir: Path, m, texts: dict, prompts: list, judge_cfg,
                 on_metrics) -> dict:
+    # n_vocab (embedding rows; a GGUF's token list, which both converters pad to those rows) and
+    # each text's sha256 let the report compare like with like: one model's HF and GGUF forms
+    # share both, so their n_text_tokens must agree (steps/report.py)
     results = {"model": str(m.path), "backend": m.kind, "adapters": [str(a) for a in m.adapters],
-               "protocol": config.protocol, "n_ctx": config.n_ctx, "sets": {}}
+               "protocol": config.protocol, "n_ctx": config.n_ctx, "n_vocab": m.n_vocab,
+               "sets": {}}
     metrics: dict = {}
     # tokenize and cut every set first, so a set too short for n_ctx fails before any scoring
     ids, budget = {}, {}
@@ -660,7 +667,8 @@ def _run_loaded(config: Config, out_dir: Path, m, texts: dict, prompts: list, ju
         s = config.eval_sets[name]
         r = perplexity(m, token_ids=ids[name], n_ctx=config.n_ctx, protocol=config.protocol,
                        stride=config.stride, batch_size=config.batch_size, max_tokens=budget[name])
-        r |= {"path": s.path, "kind": s.kind}
+        r |= {"path": s.path, "kind": s.kind,
+              "text_sha256": hashlib.sha256(texts[name].encode("utf-8")).hexdigest()}
         results["sets"][name] = r
         flat = {f"{name}.{k}": r[k] for k in ("ppl", "ppl_err", "bits_per_byte", "char_ppl",
                                               "n_scored", "n_tokens", "tokens_per_s")

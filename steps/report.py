@@ -11,8 +11,17 @@ Inputs are the evaluate stage's out_dirs (results.json each), the training stage
     report.md                 the table, the gates and the plots, for a Prefect markdown artifact
 
 Per-token perplexity compares only between models with the same tokenizer (the GGUFs and the
-merged model; base vs base-zh do not share a vocabulary), so Δ columns compare ppl only when the
-two models' token counts agree and always compare bits per byte.
+merged model; base vs base-zh do not share a vocabulary). Each row is matched with the reference
+row of its eval set (column "vs ref", see compare_rows):
+  * other vocabulary (n_vocab differs): a different token stream is legitimate, so no ΔPPL, only
+    Δbits/byte, which normalises by the text;
+  * same vocabulary, same text, different n_text_tokens: one of the two tokenizers is wrong (an HF
+    tokenizer that dropped a text's edge newlines gave 1878 ids where llama.cpp gave 1883, and the
+    ΔPPL of two different token streams looked like a quantisation error). The row is marked
+    "TOKENS DIFFER", no Δ is computed (bits/byte would cover other scored text too), report.md
+    lists it, and a gate on such a pair fails instead of measuring;
+  * other text (the set's text_sha256 differs): nothing compares;
+  * otherwise ΔPPL when the scored token counts agree, and Δbits/byte.
 """
 from __future__ import annotations
 
@@ -78,6 +87,27 @@ def _pct(a, b):
     return None if a is None or b in (None, 0) else (a / b - 1.0) * 100.0
 
 
+SAME, OTHER_VOCAB, OTHER_TEXT, TOKENS_DIFFER = ("same tokens", "other vocabulary", "other text",
+                                                "TOKENS DIFFER")
+
+
+def compare_rows(r: dict, ref: dict) -> tuple[str, str | None]:
+    """(status, reason) of table row `r` against row `ref` for the same eval set; status is one of
+    SAME, OTHER_VOCAB, OTHER_TEXT, TOKENS_DIFFER (see the module docstring). Rows of evaluations
+    written before n_vocab / text_sha256 were recorded count as same vocabulary and text."""
+    if r.get("text_sha256") and ref.get("text_sha256") and r["text_sha256"] != ref["text_sha256"]:
+        return OTHER_TEXT, "the eval set's text differs"
+    if r.get("n_vocab") is not None and ref.get("n_vocab") is not None \
+            and r["n_vocab"] != ref["n_vocab"]:
+        return OTHER_VOCAB, f"n_vocab {r['n_vocab']} vs {ref['n_vocab']}"
+    if r.get("n_text_tokens") is not None and ref.get("n_text_tokens") is not None \
+            and r["n_text_tokens"] != ref["n_text_tokens"]:
+        return TOKENS_DIFFER, (f"{r['n_text_tokens']} vs {ref['n_text_tokens']} text tokens with the "
+                               f"same vocabulary (n_vocab {r.get('n_vocab', '?')}) on the same text: "
+                               "one of the two tokenizers does not give the other's ids")
+    return SAME, None
+
+
 def build_report(evaluations: dict[str, Path], training_logs: dict[str, Path] | None = None,
                  quant_info: dict[str, dict] | None = None, out_dir: Path = Path("."), *,
                  gates: dict[str, Gate | dict] | None = None, reference: str | None = "gguf-f16",
@@ -113,19 +143,27 @@ def build_report(evaluations: dict[str, Path], training_logs: dict[str, Path] | 
     for label in labels:
         q = quant_info.get(label, {})
         for set_name, r in results[label]["sets"].items():
-            rr = results.get(ref, {}).get("sets", {}).get(set_name) if ref else None
-            same_tokens = rr is not None and rr["n_scored"] == r["n_scored"]
             rows.append({
                 "model": label, "set": set_name, "backend": results[label].get("backend"),
                 "protocol": r["protocol"], "n_ctx": r["n_ctx"],
                 "ppl": r["ppl"], "ppl_err": r["ppl_err"], "bits_per_byte": r["bits_per_byte"],
                 "char_ppl": r["char_ppl"], "n_scored": r["n_scored"],
                 "n_text_tokens": r.get("n_text_tokens"), "n_bytes": r["n_bytes"],
-                "tokens_per_s": r.get("tokens_per_s"),
-                "delta_ppl_pct": _pct(r["ppl"], rr["ppl"]) if same_tokens else None,
-                "delta_bpb_pct": _pct(r["bits_per_byte"], rr["bits_per_byte"]) if rr else None,
+                "n_vocab": results[label].get("n_vocab"), "text_sha256": r.get("text_sha256"),
+                "tokens_per_s": r.get("tokens_per_s"), "vs_ref": None, "vs_ref_reason": None,
+                "delta_ppl_pct": None, "delta_bpb_pct": None,
                 "file_size": q.get("file_size"), "bpw": q.get("bpw")})
     by = {(r["model"], r["set"]): r for r in rows}
+    for row in rows:
+        rr = by.get((ref, row["set"])) if ref else None
+        if rr is None:
+            continue
+        row["vs_ref"], row["vs_ref_reason"] = compare_rows(row, rr)
+        if row["vs_ref"] in (SAME, OTHER_VOCAB):
+            row["delta_bpb_pct"] = _pct(row["bits_per_byte"], rr["bits_per_byte"])
+        if row["vs_ref"] == SAME and row["n_scored"] == rr["n_scored"]:
+            row["delta_ppl_pct"] = _pct(row["ppl"], rr["ppl"])
+    mismatches = [r for r in rows if r["vs_ref"] == TOKENS_DIFFER]
 
     checks = []
     for key, g in gates.items():
@@ -136,6 +174,11 @@ def build_report(evaluations: dict[str, Path], training_logs: dict[str, Path] | 
             if a is None or b is None:
                 checks.append({"gate": key, "model": label, "vs": vs, "set": s, "passed": False,
                                "reason": f"set `{s}` missing from one of the two evaluations"})
+                continue
+            status, reason = compare_rows(a, b)
+            if status == TOKENS_DIFFER:   # two token streams: a Δ would measure the tokenizers
+                checks.append({"gate": key, "model": label, "vs": vs, "set": s, "passed": False,
+                               "reason": reason})
                 continue
             for metric, limit in (("ppl", g.max_delta_ppl_pct), ("bits_per_byte", g.max_delta_bpb_pct)):
                 if limit is None:
@@ -155,21 +198,29 @@ def build_report(evaluations: dict[str, Path], training_logs: dict[str, Path] | 
     (out_dir / "table.md").write_text(table_md + "\n", encoding="utf-8")
     plots = _plots(rows, labels, training_logs, out_dir)
     md = ["# llamaflow evaluation report", "", table_md, ""]
+    if mismatches:
+        md += ["## Token counts differ", "",
+               f"These rows tokenized their eval set into another number of tokens than {ref} with "
+               "the same vocabulary, so they are not compared with it (no Δ):", ""]
+        md += [f"- {r['model']} / {r['set']}: {r['vs_ref_reason']}" for r in mismatches] + [""]
     if checks:
         md += ["## Gates", "", "| gate | set | metric | Δ % | max Δ % | result |", "|---|---|---|---|---|---|"]
         md += [f"| {c['gate']} vs {c['vs']} | {c['set']} | {c.get('metric', '-')} | "
                f"{_fmt(c.get('delta_pct'), 2)} | {_fmt(c.get('max_delta_pct'), 2)} | "
-               f"{'pass' if c['passed'] else 'FAIL'} |" for c in checks]
+               f"{'pass' if c['passed'] else 'FAIL'}{': ' + c['reason'] if 'reason' in c else ''} |"
+               for c in checks]
         md.append("")
     md += [f"Gate `{s['gate']}` skipped: {s['reason']}" for s in skipped] + ([""] if skipped else [])
     md += [f"![{p}]({p})" for p in plots]
     (out_dir / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
 
     if passed is False and on_fail == "fail":
-        failed = [f"{c['gate']}/{c['set']}/{c.get('metric')}: Δ {_fmt(c.get('delta_pct'), 2)}% > "
+        failed = [f"{c['gate']}/{c['set']}: {c['reason']}" if "reason" in c else
+                  f"{c['gate']}/{c['set']}/{c.get('metric')}: Δ {_fmt(c.get('delta_pct'), 2)}% > "
                   f"{c.get('max_delta_pct')}%" for c in checks if not c["passed"]]
         raise GateFailed("quality gate(s) failed: " + "; ".join(failed) + f" (report in {out_dir})")
-    return {"rows": rows, "gates": gates_out, "passed": passed, "plots": plots}
+    return {"rows": rows, "gates": gates_out, "passed": passed, "plots": plots,
+            "token_mismatches": len(mismatches)}
 
 
 def _fmt(v, nd=4):
@@ -179,14 +230,17 @@ def _fmt(v, nd=4):
 def markdown_table(rows: list[dict], reference: str | None) -> str:
     ref = reference or "-"
     head = ("| model | set | PPL ± err | bits/byte | char PPL | scored tokens | text tokens | "
-            f"ΔPPL % vs {ref} | Δbits/byte % vs {ref} | GGUF MB | bpw |")
-    lines = [head, "|" + "---|" * 11]
+            f"vs {ref} | ΔPPL % vs {ref} | Δbits/byte % vs {ref} | GGUF MB | bpw |")
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         size = r["file_size"] / 1e6 if r["file_size"] else None
+        vs = r.get("vs_ref") or "-"
+        if vs == TOKENS_DIFFER:
+            vs = f"⚠ {vs}"
         lines.append(
             f"| {r['model']} | {r['set']} | {r['ppl']:.4f} ± {r['ppl_err']:.4f} | "
             f"{_fmt(r['bits_per_byte'])} | {_fmt(r['char_ppl'], 3)} | {r['n_scored']} | "
-            f"{_fmt(r['n_text_tokens'])} | {_fmt(r['delta_ppl_pct'], 3)} | "
+            f"{_fmt(r['n_text_tokens'])} | {vs} | {_fmt(r['delta_ppl_pct'], 3)} | "
             f"{_fmt(r['delta_bpb_pct'], 3)} | {_fmt(size, 2)} | {_fmt(r['bpw'], 2)} |")
     return "\n".join(lines)
 
@@ -278,6 +332,7 @@ def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = N
                        reference=config.reference, on_fail=config.on_fail)
     metrics = {f"{r['model']}.{r['set']}.{k}": r[k] for r in rep["rows"]
                for k in ("ppl", "bits_per_byte", "delta_ppl_pct") if r[k] is not None}
+    metrics["token_mismatches"] = rep["token_mismatches"]
     metrics["gates_checked"] = len(rep["gates"]["checks"])
     metrics["gates_failed"] = sum(not c["passed"] for c in rep["gates"]["checks"])
     if rep["passed"] is not None:

@@ -63,6 +63,9 @@ def test_report_over_real_evaluations(evaluated, tmp_path):
     labels = ["merged"] + [f"gguf-{q}" for q in QTYPES]
     assert [(r["model"], r["set"]) for r in rows] == [(m_, s) for m_ in labels for s in ("en", "zh")]
     by = {(r["model"], r["set"]): r for r in rows}
+    # the HF model and its GGUFs: one vocabulary, one token stream per text
+    assert {(r["n_vocab"], r["vs_ref"]) for r in rows} == {(320, rp.SAME)}
+    assert len({r["text_sha256"] for r in rows if r["set"] == "en"}) == 1
     for s in ("en", "zh"):
         res = json.loads((evaluated["evaluations"]["gguf-q4_0"] / "results.json").read_text())
         q4, f16, f32, hf = (by[k, s] for k in ("gguf-q4_0", "gguf-f16", "gguf-f32", "merged"))
@@ -89,13 +92,16 @@ def test_report_over_real_evaluations(evaluated, tmp_path):
     assert "![loss_curves.png](loss_curves.png)" in report and "| q4_0 vs gguf-f16 | en |" in report
 
 
-def _fake_eval(d: Path, ppl: dict, bpb: dict, n_scored=100) -> Path:
+def _fake_eval(d: Path, ppl: dict, bpb: dict, n_scored=100, n_text_tokens=1000, n_vocab=None,
+               text_sha256=None) -> Path:
     """A results.json with chosen numbers, to test the gate arithmetic exactly."""
     d.mkdir()
     sets = {s: {"ppl": p, "ppl_err": 0.1, "bits_per_byte": bpb[s], "char_ppl": 3.0,
-                "n_scored": n_scored, "n_text_tokens": 1000, "n_bytes": 4000, "protocol": "llama.cpp",
-                "n_ctx": 512, "tokens_per_s": 100.0} for s, p in ppl.items()}
-    (d / "results.json").write_text(json.dumps({"backend": "gguf", "sets": sets}))
+                "n_scored": n_scored, "n_text_tokens": n_text_tokens, "n_bytes": 4000,
+                "protocol": "llama.cpp", "n_ctx": 512, "tokens_per_s": 100.0,
+                **({"text_sha256": text_sha256} if text_sha256 else {})} for s, p in ppl.items()}
+    (d / "results.json").write_text(json.dumps({"backend": "gguf", "sets": sets,
+                                                **({"n_vocab": n_vocab} if n_vocab else {})}))
     return d
 
 
@@ -163,3 +169,49 @@ def test_bad_inputs_are_named(tmp_path):
         rp.run(rp.Config(), tmp_path, evaluations={}, training={"pt": tmp_path})
     with pytest.raises(Exception, match="on_fail"):
         rp.Config(on_fail="explode")
+
+
+def test_same_vocabulary_other_token_count_is_marked_not_compared(tmp_path):
+    # stories260K's HF tokenizer once gave 1878 ids on the TinyStories sample where llama.cpp gave
+    # 1883: the same scored-token count (whole chunks) hid it, and the ΔPPL measured two token
+    # streams. Same n_vocab + same text must mean the same token count, or no Δ.
+    ppl, bpb, sha = {"stories": 10.0}, {"stories": 1.0}, "a" * 64
+    evals = {
+        "gguf-f16": _fake_eval(tmp_path / "f16", ppl, bpb, n_text_tokens=1883, n_vocab=512,
+                               text_sha256=sha),
+        "merged": _fake_eval(tmp_path / "hf", {"stories": 9.0}, {"stories": 0.9},
+                             n_text_tokens=1878, n_vocab=512, text_sha256=sha),
+        "gguf-q8_0": _fake_eval(tmp_path / "q8", {"stories": 10.1}, {"stories": 1.01},
+                                n_text_tokens=1883, n_vocab=512, text_sha256=sha),
+        "base": _fake_eval(tmp_path / "base", {"stories": 30.0}, {"stories": 1.5},
+                           n_text_tokens=990, n_vocab=32000, text_sha256=sha),
+        "other": _fake_eval(tmp_path / "other", ppl, bpb, n_text_tokens=1883, n_vocab=512,
+                            text_sha256="0" * 64)}
+    out = tmp_path / "out"
+    out.mkdir()
+    rep = rp.build_report(evals, {}, {}, out, gates={"merged": {"vs": "f16", "max_delta_ppl_pct": 50,
+                                                              "max_delta_bpb_pct": 50}})
+    rows = {r["model"]: r for r in rep["rows"]}
+    hf = rows["merged"]
+    assert hf["vs_ref"] == rp.TOKENS_DIFFER and "1878 vs 1883 text tokens" in hf["vs_ref_reason"]
+    assert hf["delta_ppl_pct"] is None and hf["delta_bpb_pct"] is None
+    assert rows["gguf-q8_0"]["vs_ref"] == rp.SAME
+    assert rows["gguf-q8_0"]["delta_ppl_pct"] == pytest.approx(1.0)
+    assert rows["base"]["vs_ref"] == rp.OTHER_VOCAB          # another vocabulary may differ
+    assert rows["base"]["delta_ppl_pct"] is None and rows["base"]["delta_bpb_pct"] == pytest.approx(50)
+    assert rows["other"]["vs_ref"] == rp.OTHER_TEXT and rows["other"]["delta_bpb_pct"] is None
+    assert rep["token_mismatches"] == 1
+    # the gate does not measure two token streams: it fails, naming why
+    assert rep["passed"] is False
+    assert [(c["passed"], "text tokens" in c["reason"]) for c in rep["gates"]["checks"]] == [(False, True)]
+    assert "| merged | stories |" in (out / "table.md").read_text()
+    assert "⚠ TOKENS DIFFER" in (out / "table.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "## Token counts differ" in report and "- merged / stories: 1878 vs 1883" in report
+    run_out = tmp_path / "run"
+    run_out.mkdir()
+    with pytest.raises(rp.GateFailed, match="merged/stories: 1878 vs 1883 text tokens"):
+        rp.run(rp.Config(gates={"merged": {"vs": "f16", "max_delta_ppl_pct": 50}}, on_fail="fail"),
+               run_out, evaluations=evals)
+    m = rp.run(rp.Config(), tmp_path, evaluations=evals)
+    assert m["token_mismatches"] == 1 and "merged.stories.delta_ppl_pct" not in m

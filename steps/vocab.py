@@ -12,6 +12,13 @@ defects of the recipe are fixed:
   that ranks the new merges by score (steps/tokenizer.py, llama.cpp) or by id (transformers 5's
   own) orders them as SentencePiece does. Measured: HF ids == SentencePiece ids on every line of
   the CLUE corpus sample and of wikitext-2 test (score 0: 61% / 38% of lines differ).
+  The price: pieces and ids are the recipe's, but SentencePiece (and llama.cpp) now segment 61%
+  of CLUE lines (54% of wikitext lines) otherwise than the recipe's merged tokenizer.model does
+  (457,389 vs 456,726 tokens on CLUE). score_strategy="zero" writes the recipe's tokenizer.model
+  exactly (`vocab.score_strategy=zero`); its HF tokenizer then disagrees with it as above, since
+  SentencePiece breaks score ties by position and a BPE merge list cannot. Each run records
+  which one it used (the stage's params, vocab_report.json) and, with eval_zh/eval_en, the share
+  of lines segmented otherwise than the recipe's (differs_from_recipe_lines_*).
 - English: chinese_sp brings Latin and digit pieces that retokenize ~55% of wikitext lines (65%
   with the recipe's score-0 pieces).
   mode="cjk" appends only pieces containing CJK characters, so text without CJK is untouched.
@@ -161,6 +168,30 @@ def has_cjk(text: str) -> bool:
     return any(is_cjk(c) for c in text)
 
 
+# What each score_strategy changes, written into vocab_report.json (logged with the stage's run).
+SCORE_STRATEGY_EFFECT = {
+    "rank": "appended pieces continue the base's descending scores: the Hugging Face tokenizer "
+            "gives SentencePiece's (and llama.cpp's) ids; pieces and ids are the recipe's, but "
+            "lines may be segmented otherwise than by the recipe's score-0 tokenizer.model "
+            "(differs_from_recipe_lines_*); vocab.score_strategy=zero writes that one exactly",
+    "zero": "appended pieces score 0, as the recipe's merge_tokenizers.py: tokenizer.model is the "
+            "recipe's exactly (SentencePiece and llama.cpp segment as upstream), but the Hugging "
+            "Face tokenizer the training stages use gives other ids on many Chinese lines "
+            "(hf_sp_mismatch_lines_*)",
+}
+
+
+def recipe_tokenizer(merged_sp: Path, base_pieces: int):
+    """A SentencePieceProcessor for the recipe's merge of the same pieces: `merged_sp` with every
+    piece past the first `base_pieces` at score 0 (what merge_tokenizers.py appends)."""
+    import sentencepiece as spm
+
+    proto = load_sp_proto(merged_sp)
+    for p in proto.pieces[base_pieces:]:
+        p.score = 0.0
+    return spm.SentencePieceProcessor(model_proto=proto.SerializeToString())
+
+
 def merge_tokenizers(base_sp: Path, extra_sp: Path, out_dir: Path, mode: Mode = "all",
                      pad_token: str | None = None, pad_to_multiple_of: int | None = None,
                      score_strategy: ScoreStrategy = "rank") -> Path:
@@ -171,7 +202,8 @@ def merge_tokenizers(base_sp: Path, extra_sp: Path, out_dir: Path, mode: Mode = 
     token after the last piece ([PAD] = 49953 -> len 49954). pad_to_multiple_of appends unused
     pieces "<unused{i}>" (never produced by encoding) until len(tokenizer) % N == 0.
     score_strategy "rank" continues the base's descending scores (SentencePiece == HF ids);
-    "zero" is the recipe's score 0, kept only to measure its defect."""
+    "zero" is the recipe's score 0: its tokenizer.model exactly, HF ids then differ (see the
+    module docstring)."""
     base_sp, extra_sp, out_dir = Path(base_sp), Path(extra_sp), Path(out_dir)
     base, extra = load_sp_proto(base_sp), load_sp_proto(extra_sp)
     if base.trainer_spec.model_type != 2:
@@ -239,7 +271,9 @@ def merge_tokenizers(base_sp: Path, extra_sp: Path, out_dir: Path, mode: Mode = 
     model_file.write_bytes(base.SerializeToString())
     n_tokens = save_hf_tokenizer(model_file, out_dir, pad_token=pad_token)
     report = dict(base_sp=Path(base_sp).name, extra_sp=Path(extra_sp).name, mode=mode,
-                  score_strategy=score_strategy, base_pieces=base_count,
+                  score_strategy=score_strategy,
+                  score_strategy_effect=SCORE_STRATEGY_EFFECT[score_strategy],
+                  base_pieces=base_count,
                   extra_pieces=len(extra.pieces),
                   pieces_added=len(added) - counts["unused_pieces"],
                   merged_pieces=len(base.pieces), pad_token=pad_token, tokenizer_size=n_tokens,
@@ -259,8 +293,9 @@ def read_lines(path: Path) -> list[str]:
 
 def compare_tokenizers(base_sp: Path, merged_dir: Path, lines: list[str]) -> dict:
     """On `lines`: characters, base and merged SentencePiece token counts (no BOS), the share of
-    lines whose tokens changed, the round-trip failures, and the share of lines where the HF
-    tokenizer in merged_dir (AutoTokenizer) gives other ids than SentencePiece."""
+    lines whose tokens changed, the round-trip failures, the share of lines where the HF
+    tokenizer in merged_dir (AutoTokenizer) gives other ids than SentencePiece, and the share the
+    merged SentencePiece model segments otherwise than the recipe's score-0 merge would."""
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
@@ -269,12 +304,14 @@ def compare_tokenizers(base_sp: Path, merged_dir: Path, lines: list[str]) -> dic
     hf = AutoTokenizer.from_pretrained(str(merged_dir))
     b, m = base.encode(lines), merged.encode(lines)
     h = hf(lines, add_special_tokens=False)["input_ids"] if lines else []
+    r = recipe_tokenizer(Path(merged_dir) / "tokenizer.model", base.get_piece_size()).encode(lines)
     n = max(len(lines), 1)
     return dict(lines=len(lines), chars=sum(map(len, lines)), base_tokens=sum(map(len, b)),
                 merged_tokens=sum(map(len, m)),
                 retokenized=sum(x != y for x, y in zip(b, m)) / n,
                 roundtrip_failures=sum(merged.decode(ids) != l for ids, l in zip(m, lines)),
-                hf_sp_mismatch=sum(x != y for x, y in zip(m, h)) / n)
+                hf_sp_mismatch=sum(x != y for x, y in zip(m, h)) / n,
+                differs_from_recipe=sum(x != y for x, y in zip(m, r)) / n)
 
 
 # --------------------------------------------------------------------------------------------
@@ -474,6 +511,7 @@ def run(config: Config, out_dir: Path, *, on_metrics=None, model: Path) -> dict:
             metrics[f"tokens_per_char_{lang}_merged"] = stats["merged_tokens"] / max(stats["chars"], 1)
             metrics[f"retokenized_lines_{lang}"] = stats["retokenized"]
             metrics[f"hf_sp_mismatch_lines_{lang}"] = stats["hf_sp_mismatch"]
+            metrics[f"differs_from_recipe_lines_{lang}"] = stats["differs_from_recipe"]
             report[f"eval_{lang}"] = stats
     (out_dir / "vocab_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     if config.extra_sp is None:

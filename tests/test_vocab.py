@@ -91,6 +91,56 @@ def test_recipe_score_zero_defect_is_measured(real):
     assert zh["hf_sp_mismatch"] > 0.5
 
 
+def _recipe_merge(base_sp, extra_sp):
+    """The recipe's merge_tokenizers.py, step for step: every chinese_sp piece LLaMA lacks is
+    appended as a new SentencePiece with score 0 (type left at its default, NORMAL)."""
+    from sentencepiece import sentencepiece_model_pb2 as pb
+
+    llama, chinese = pb.ModelProto(), pb.ModelProto()
+    llama.ParseFromString(_sp(base_sp).serialized_model_proto())
+    chinese.ParseFromString(_sp(extra_sp).serialized_model_proto())
+    llama_tokens = set(p.piece for p in llama.pieces)
+    for p in chinese.pieces:
+        if p.piece not in llama_tokens:
+            new_p = pb.ModelProto().SentencePiece()
+            new_p.piece = p.piece
+            new_p.score = 0
+            llama.pieces.append(new_p)
+    return llama
+
+
+def test_score_zero_is_the_recipes_tokenizer_and_rank_its_vocabulary(real):
+    # score_strategy=zero must give the upstream merged tokenizer exactly; rank (the default)
+    # keeps its pieces and ids and changes only the scores, hence some segmentations.
+    from steps.tokenizer import load_sp_proto
+
+    recipe = _recipe_merge(real["base"], real["extra"])
+    zero = load_sp_proto(real["merged"]["recipe"] / "tokenizer.model")
+    rank = load_sp_proto(real["merged"]["all"] / "tokenizer.model")
+    pieces = lambda proto: [(p.piece, p.type) for p in proto.pieces]  # noqa: E731
+    assert len(recipe.pieces) == 49953
+    assert pieces(zero) == pieces(recipe) == pieces(rank)               # pieces, types and ids
+    assert [p.score for p in zero.pieces] == [p.score for p in recipe.pieces]
+    assert [p.score for p in rank.pieces[:32000]] == [p.score for p in recipe.pieces[:32000]]
+    assert all(p.score < -31740 for p in rank.pieces[32000:])
+    assert zero.normalizer_spec == recipe.normalizer_spec and zero.trainer_spec == recipe.trainer_spec
+
+    upstream = spm.SentencePieceProcessor(model_proto=recipe.SerializeToString())
+    ref = upstream.encode(real["zh"])
+    assert _sp(real["merged"]["recipe"] / "tokenizer.model").encode(real["zh"]) == ref
+    differ = sum(a != b for a, b in zip(_sp(real["merged"]["all"] / "tokenizer.model").encode(real["zh"]), ref))
+    assert 0.55 < differ / len(ref) < 0.65                              # 1513 of 2500 CLUE lines
+    # the stage's metric measures the same thing
+    assert compare_tokenizers(real["base"], real["merged"]["all"], real["zh"])["differs_from_recipe"] \
+        == differ / len(ref)
+    assert compare_tokenizers(real["base"], real["merged"]["recipe"], real["zh"])["differs_from_recipe"] == 0
+    for name, strategy in (("all", "rank"), ("recipe", "zero")):
+        report = json.loads((real["merged"][name] / "vocab_report.json").read_text())
+        assert report["score_strategy"] == strategy
+        assert report["score_strategy_effect"] == vocab.SCORE_STRATEGY_EFFECT[strategy]
+    assert "vocab.score_strategy=zero" in vocab.SCORE_STRATEGY_EFFECT["rank"]
+
+
 def test_cjk_mode_leaves_english_alone(real):
     base, cjk = _sp(real["base"]), _sp(real["merged"]["cjk"] / "tokenizer.model")
     en = real["en"]
@@ -256,6 +306,9 @@ def test_run_stage_on_tiny_model(tiny_hf_model, tmp_path):
     assert metrics["pieces_added"] > 300
     assert metrics["tokens_per_char_zh_merged"] < 0.5 * metrics["tokens_per_char_zh_base"]
     assert metrics["hf_sp_mismatch_lines_zh"] == metrics["hf_sp_mismatch_lines_en"] == 0
+    assert 0 <= metrics["differs_from_recipe_lines_zh"] <= 1
+    report = json.loads((out / "vocab_report.json").read_text())
+    assert report["score_strategy"] == "rank" and "eval_zh" in report
     assert all(isinstance(v, (int, float, str)) for v in metrics.values())
     assert not (out / "_work").exists() and (out / "vocab_report.json").is_file()
     assert {"config.json", "model.safetensors", "tokenizer.model", "tokenizer.json",
@@ -265,6 +318,18 @@ def test_run_stage_on_tiny_model(tiny_hf_model, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(str(out))
     ids = tok("清晨的河水", return_tensors="pt")["input_ids"]
     assert model(ids).logits.shape[-1] == metrics["merged_vocab"]
+
+
+def test_run_with_the_recipes_scores_records_it(tiny_hf_model, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    config = vocab.Config(corpus=[DEMO_DATA / "corpus_zh.txt"], vocab_size=450, num_threads=1,
+                          score_strategy="zero", eval_zh=DEMO_DATA / "eval_zh.txt")
+    metrics = vocab.run(config, out, model=tiny_hf_model)
+    assert metrics["differs_from_recipe_lines_zh"] == 0     # it is the recipe's segmentation
+    report = json.loads((out / "vocab_report.json").read_text())
+    assert report["score_strategy"] == "zero"
+    assert report["score_strategy_effect"] == vocab.SCORE_STRATEGY_EFFECT["zero"]
 
 
 def test_run_rejects_a_bad_extra_sp_before_work(tiny_hf_model, tmp_path):

@@ -20,7 +20,8 @@ from pathlib import Path
 from pydantic import Field
 
 from steps import MetricsCallback
-from steps.training import (TrainConfig, cache_key, dataset_dir, data_files, execute,
+from steps.training import (LearningRate, TrainConfig, WarmupRatio, WeightDecay,
+                            cache_key, dataset_dir, data_files, execute,
                             run_training, save_splits, sha256_files, tokenizer_digest,
                             with_data, worker_main)
 
@@ -40,9 +41,9 @@ class Config(TrainConfig):
     data: list[str] = Field(default_factory=list)   # files/dirs of .txt/.jsonl/.json/.parquet
     text_column: str = "text"                       # column read from .jsonl/.json/.parquet
     block_size: int = Field(512, ge=8)
-    learning_rate: float = 2e-4
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.01
+    learning_rate: LearningRate = 2e-4
+    warmup_ratio: WarmupRatio = 0.05
+    weight_decay: WeightDecay = 0.01
 
 
 DATA_FIELDS = ("data",)

@@ -25,7 +25,8 @@ from pathlib import Path
 from pydantic import Field
 
 from steps import MetricsCallback
-from steps.training import (TrainConfig, cache_key, data_files, dataset_dir, execute,
+from steps.training import (LearningRate, TrainConfig, WarmupRatio, WeightDecay,
+                            cache_key, data_files, dataset_dir, execute,
                             run_training, save_splits, sha256_files, tokenizer_digest,
                             with_data, worker_main)
 
@@ -58,9 +59,9 @@ class Config(TrainConfig):
     packing: bool = False            # concatenate examples into max_seq_length rows (no padding)
     pad_token: str | None = "[PAD]"  # added when the tokenizer has no pad token (v1: 49954 rows)
     max_bad_fraction: float = Field(0.1, ge=0, le=1)
-    learning_rate: float = 1e-4
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
+    learning_rate: LearningRate = 1e-4
+    warmup_ratio: WarmupRatio = 0.03
+    weight_decay: WeightDecay = 0.0
 
 
 DATA_FIELDS = ("data", "validation_data")

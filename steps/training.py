@@ -34,7 +34,7 @@ import random
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Iterable, Literal
+from typing import Annotated, Callable, Iterable, Literal
 
 import pydantic
 from pydantic import ConfigDict, Field
@@ -72,13 +72,20 @@ class LauncherSettings(pydantic.BaseModel):
     timeout_s: float | None = None          # kill the process group after this many seconds
 
 
+# The optimizer knobs whose defaults differ per stage (pretrain and sft re-declare them with
+# their recipe's values): one type each, so a stage's default never drops the bounds.
+LearningRate = Annotated[float, Field(gt=0)]
+WeightDecay = Annotated[float, Field(ge=0)]
+WarmupRatio = Annotated[float, Field(ge=0, le=1)]
+
+
 class TrainConfig(pydantic.BaseModel):
     """Fields shared by the pretrain and sft Configs (the stage files set the recipe defaults)."""
     model_config = ConfigDict(extra="forbid")
     lora: LoraSettings = Field(default_factory=LoraSettings)
-    learning_rate: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(0.01, ge=0)
-    warmup_ratio: float = Field(0.05, ge=0, le=1)
+    learning_rate: LearningRate = 2e-4
+    weight_decay: WeightDecay = 0.01
+    warmup_ratio: WarmupRatio = 0.05
     lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     per_device_batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(8, ge=1)
@@ -395,9 +402,11 @@ class Trainer:
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.fsdp = cfg.launcher.strategy == "fsdp"
         if self.fsdp:
-            if precision == "fp16":     # precision auto on a GPU without bf16 (the Config
-                raise ValueError(        # validator already refuses an explicit fp16)"launcher.strategy=fsdp trains in bf16 or fp32; set precision "
-                                 "bf16 (or fp32), or use strategy ddp for fp16")
+            # precision auto on a GPU without bf16 (the Config validator refuses an explicit fp16)
+            if precision == "fp16":
+                raise ValueError("launcher.strategy=fsdp trains in bf16 or fp32, and precision auto "
+                                 "chose fp16 (this GPU has no bf16): set precision fp32, or use "
+                                 "strategy ddp (launcher ddp_gpu) for fp16")
             if not torch.distributed.is_initialized():
                 raise RuntimeError("launcher.strategy=fsdp runs under torchrun (steps.training."
                                    "execute starts it); no process group is initialised here")

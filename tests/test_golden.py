@@ -56,7 +56,7 @@ def test_tinystories_perplexity_llama_cpp_protocol(stories_hf, shared_data, tmp_
     hf = perplexity(stories_hf, text, n_ctx=256, protocol="llama.cpp", progress=False)
     assert hf["n_text_tokens"] == 1 + len(sp.encode(text.read_text(encoding="utf-8"))) == 1883
     assert (hf["n_chunks"], hf["n_scored"]) == (7, 889)
-    assert hf["ppl"] == pytest.approx(6.8979, abs=5e-5)
+    assert hf["ppl"] == pytest.approx(6.897861, abs=1e-4)   # HF fp32, torch on the CPU
     gguf = perplexity(export_gguf(stories_hf, tmp_path / "f32.gguf", "f32"), text, n_ctx=256,
                       protocol="llama.cpp", progress=False)
     assert gguf["n_text_tokens"] == hf["n_text_tokens"]

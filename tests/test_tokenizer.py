@@ -183,7 +183,7 @@ def test_files_name_a_class_transformers_4_knows_and_list_added_tokens(tiny_sp_m
     assert (len(tok), tok.pad_token_id) == (n + 1, n)
 
 
-def _llama_cpp_converter(cache) -> Path:
+def _llama_cpp_converter(pytestconfig, tmp_path_factory) -> Path:
     """llama.cpp's convert_hf_to_gguf.py (with its conversion/ package) from the sdist of the
     installed llama-cpp-python: $LLAMAFLOW_LLAMA_CPP_SRC, pytest's cache, or `pip download`."""
     import os
@@ -196,7 +196,9 @@ def _llama_cpp_converter(cache) -> Path:
 
     if os.environ.get("LLAMAFLOW_LLAMA_CPP_SRC"):
         return Path(os.environ["LLAMAFLOW_LLAMA_CPP_SRC"])
-    root = cache.mkdir(f"llama_cpp_convert_{llama_cpp.__version__}")
+    name = f"llama_cpp_convert_{llama_cpp.__version__}"
+    cache = getattr(pytestconfig, "cache", None)   # None under -p no:cacheprovider
+    root = cache.mkdir(name) if cache is not None else tmp_path_factory.mktemp(name)
     if (root / "convert_hf_to_gguf.py").is_file() and (root / "conversion").is_dir():
         return root
     with tempfile.TemporaryDirectory() as tmp:
@@ -219,7 +221,8 @@ def _llama_cpp_converter(cache) -> Path:
     return root
 
 
-def test_llama_cpp_converter_reads_pad_and_vocabulary(tiny_sp_model, tmp_path, pytestconfig):
+def test_llama_cpp_converter_reads_pad_and_vocabulary(tiny_sp_model, tmp_path, pytestconfig,
+                                                     tmp_path_factory):
     # A Chinese-Alpaca-like model dir (pieces + [PAD], embedding rows = len(tokenizer)) through
     # llama.cpp's own converter, run against the installed gguf package (NO_LOCAL_GGUF).
     import os
@@ -234,7 +237,7 @@ def test_llama_cpp_converter_reads_pad_and_vocabulary(tiny_sp_model, tmp_path, p
 
     from steps.quantize import _vocab
 
-    converter = _llama_cpp_converter(pytestconfig.cache)
+    converter = _llama_cpp_converter(pytestconfig, tmp_path_factory)
     n = spm.SentencePieceProcessor(model_file=str(tiny_sp_model)).get_piece_size()
     model = tmp_path / "model"
     torch.manual_seed(0)

@@ -65,6 +65,16 @@ def prefect_harness(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def demo_first_run(tmp_path_factory, prefect_harness):
+    """(workdir, result) of one `llamaflow demo` lifecycle in a fresh workspace, shared by the
+    lifecycle tests (which go on to rerun in that workspace) and the recipe tests."""
+    from pipelines.demo import run_demo
+
+    workdir = tmp_path_factory.mktemp("lifecycle")
+    return workdir, run_demo(workdir)
+
+
+@pytest.fixture(scope="session")
 def demo_servers(tmp_path_factory):
     """Postgres + `prefect server` + `mlflow server` on 127.0.0.1 and one `llamaflow demo` run
     against them (tests/servers.py), shared by test_servers.py and test_browser.py; every server

@@ -15,13 +15,13 @@ UPSTREAM_OF_SFT = {"download", "convert", "vocab", "pretrain", "evaluate[base]",
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory, prefect_harness):
-    return tmp_path_factory.mktemp("lifecycle")
+def workdir(demo_first_run):
+    return demo_first_run[0]
 
 
 @pytest.fixture(scope="module")
-def first(workdir):
-    return run_demo(workdir)
+def first(demo_first_run):
+    return demo_first_run[1]
 
 
 def _cache(result):

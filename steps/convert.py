@@ -27,7 +27,7 @@ from steps.safetensors_io import StreamingSafetensorsWriter, read_header
 
 log = logging.getLogger(__name__)
 
-VERSION = "1"
+VERSION = "2"
 DATA_FIELDS: tuple[str, ...] = ()
 DTYPES = ("bfloat16", "float16", "float32")
 

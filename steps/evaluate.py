@@ -51,7 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from steps import MetricsCallback
 from steps.sft import ALPACA_ZH_TEMPLATE, format_prompt  # the prompt SFT trains on
 
-VERSION = "1"
+VERSION = "2"
 PROTOCOLS = ("llama.cpp", "strided")
 
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")

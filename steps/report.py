@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from steps import MetricsCallback
 
-VERSION = "1"
+VERSION = "2"
 
 
 class GateFailed(RuntimeError):

@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict
 from steps.tokenizer import (NORMAL, TOKENIZER_FILES, UNUSED, USER_DEFINED, load_sp_proto,
                              save_hf_tokenizer)
 
-VERSION = "1"
+VERSION = "2"
 
 Mode = Literal["all", "cjk"]
 Init = Literal["mean", "subword_mean", "normal"]

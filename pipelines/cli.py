@@ -2,7 +2,8 @@
 
     llamaflow run [--from STAGE] [-m] [hydra overrides...]   the lifecycle (or part of it)
     llamaflow demo [--workdir DIR] [overrides...]           the tiny CPU lifecycle, loopback only
-    llamaflow config [overrides...]                         print the resolved config
+    llamaflow config [--check] [overrides...]               print the resolved config, or
+                                                            check it (every stage, its files)
     llamaflow ui [--workdir DIR] [--port N]                 the MLflow UI on the workspace database
     llamaflow serve | deploy                                Prefect deployments with schedules
 """
@@ -45,8 +46,14 @@ def _hide_secrets(overrides: list[str]) -> list[str]:
 
 def _prepare_environment(workdir: Path) -> None:
     """Before Prefect is imported: without PREFECT_API_URL the ephemeral Prefect server keeps its
-    SQLite database in the workspace, beside MLflow's."""
-    workdir.mkdir(parents=True, exist_ok=True)
+    SQLite database in the workspace, beside MLflow's. A workspace that cannot be created or
+    written is a ConfigError here (Prefect would only time out waiting for its server)."""
+    from pipelines.config import ConfigError
+    from pipelines.validate import workdir_problem
+
+    problem = workdir_problem(workdir, create=True)
+    if problem is not None:
+        raise ConfigError([problem])
     if not os.environ.get("PREFECT_API_URL"):
         os.environ.setdefault("PREFECT_HOME", str(workdir / "prefect"))
     import pipelines  # noqa: F401  (sets the offline defaults)
@@ -54,11 +61,15 @@ def _prepare_environment(workdir: Path) -> None:
 
 def cmd_run(args) -> int:
     overrides = _hide_secrets(args.overrides)
-    _prepare_environment(_workdir(overrides))
     from pipelines.config import expand_sweep
-    from pipelines.lifecycle import lifecycle
+    from pipelines.validate import check
 
     runs = expand_sweep(overrides) if args.multirun else [overrides]
+    # Every run's config, every stage, before Prefect starts (the flow checks again: deployments)
+    workdirs = [Path(check(ov, args.from_stage)[0]["workdir"]).expanduser().resolve() for ov in runs]
+    _prepare_environment(workdirs[0] if workdirs else _workdir(overrides))
+    from pipelines.lifecycle import lifecycle
+
     results = []
     for i, ov in enumerate(runs):
         if len(runs) > 1:
@@ -111,7 +122,14 @@ def cmd_demo(args) -> int:
 def cmd_config(args) -> int:
     from pipelines.config import load_config, to_yaml
 
-    print(to_yaml(load_config(_hide_secrets(args.overrides))))
+    overrides = _hide_secrets(args.overrides)
+    if args.check:  # what `llamaflow run` checks before any work, without running
+        from pipelines.validate import check
+
+        _, checked = check(overrides, args.from_stage)
+        print(f"config OK: {len(checked)} stages checked ({', '.join(checked)})")
+        return 0
+    print(to_yaml(load_config(overrides)))
     return 0
 
 
@@ -153,7 +171,11 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="the tiny CPU lifecycle from a loopback HTTP source")
     d.add_argument("--workdir", default=os.environ.get("LLAMAFLOW_WORKDIR", "workspace"))
     d.add_argument("overrides", nargs="*")
-    c = sub.add_parser("config", help="print the resolved config")
+    c = sub.add_parser("config", help="print the resolved config (--check: validate it)")
+    c.add_argument("--check", action="store_true",
+                   help="check every stage's config and files as `run` does; exit 2 on problems")
+    c.add_argument("--from", dest="from_stage", choices=STAGES,
+                   help="with --check: the stages a `run --from STAGE` would check")
     c.add_argument("overrides", nargs="*")
     u = sub.add_parser("ui", help="MLflow UI on the workspace database")
     u.add_argument("--workdir", default=os.environ.get("LLAMAFLOW_WORKDIR", "workspace"))
@@ -168,15 +190,21 @@ def main(argv: list[str] | None = None) -> int:
             s.add_argument("--work-pool", help="send every deployment to this work pool")
             s.add_argument("--image", help="container image for docker/kubernetes pools")
     args = p.parse_args(argv)
-    if args.cmd == "run":
-        return cmd_run(args)
-    if args.cmd == "demo":
-        return cmd_demo(args)
-    if args.cmd == "config":
-        return cmd_config(args)
-    if args.cmd == "ui":
-        return cmd_ui(args)
-    return cmd_deploy(args, serve=args.cmd == "serve")
+    from pipelines.config import ConfigError
+
+    try:
+        if args.cmd == "run":
+            return cmd_run(args)
+        if args.cmd == "demo":
+            return cmd_demo(args)
+        if args.cmd == "config":
+            return cmd_config(args)
+        if args.cmd == "ui":
+            return cmd_ui(args)
+        return cmd_deploy(args, serve=args.cmd == "serve")
+    except ConfigError as e:  # every problem at once, with its key and fix; nothing ran
+        print(f"llamaflow: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -14,9 +14,10 @@ from pathlib import Path
 from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
-from pipelines.config import load_config, to_yaml
+from pipelines.config import to_yaml
 from pipelines.runner import LifecycleRun
 from pipelines.tracking import Tracker, flatten, git_commit, redact
+from pipelines.validate import check
 
 
 def lifecycle_steps(run: LifecycleRun) -> None:
@@ -51,11 +52,14 @@ def lifecycle(overrides: list[str] | None = None, from_stage: str | None = None)
     "pretrain.lora.r=16", "stages=[quantize,evaluate]", "force=[sft]"]) and run the lifecycle.
     `from_stage` reruns that stage and everything after it; upstream comes from the cache."""
     overrides = list(overrides or [])
-    cfg = load_config(overrides)
+    log = get_run_logger()
+    # Every stage's config and files before anything is written (no workspace, no MLflow run):
+    # one ConfigError with every problem, which no retry could fix.
+    cfg, checked = check(overrides, from_stage)
+    log.info("config OK: %d stages checked", len(checked))
     workdir = Path(cfg["workdir"]).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     cfg["workdir"] = str(workdir)
-    log = get_run_logger()
 
     tracker = Tracker(workdir, cfg.get("tracking", {}))
     flow_run_id = str(runtime.flow_run.id or "")

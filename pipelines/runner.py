@@ -7,7 +7,6 @@ a nested MLflow run and in workspace/latest.json.
 """
 from __future__ import annotations
 
-import importlib
 import inspect
 import json
 import logging
@@ -21,13 +20,13 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from pipelines.artifacts import Artifact, HashCache, Store, cache_key
-from pipelines.config import STAGES
+from pipelines.config import STAGES, ConfigError
 from pipelines.remote import RemoteStore
 from pipelines.tracking import Tracker, git_commit, redact
+from pipelines.validate import FLOW_KEYS, get_all as _get, plan, set_at as _set, step_config
 
-# Hydra keys under a stage's section that steer the flow rather than the step (e.g. which quant
-# types to make); they are not passed to the step's Config.
-FLOW_KEYS = {"quantize": {"types"}, "evaluate": {"models"}}
+__all__ = ["FLOW_KEYS", "STAGES", "LifecycleRun", "StageNotCached"]
+
 GPU_STAGES = {"pretrain", "sft", "evaluate"}
 
 
@@ -35,33 +34,17 @@ class StageNotCached(RuntimeError):
     pass
 
 
+def _worth_a_retry(task, task_run, state) -> bool:
+    """Prefect's retry condition: a config problem or an uncached stage that is not selected
+    fails the same way every time; only other errors (a dropped connection...) are retried."""
+    return not isinstance(getattr(state, "data", None), (ConfigError, StageNotCached))
+
+
 def _logger() -> logging.Logger:
     try:
         return get_run_logger()
     except Exception:  # called outside a flow (unit tests of the runner)
         return logging.getLogger("pipelines")
-
-
-def _get(d: dict, dotted: str):
-    """Values at a DATA_FIELDS spec such as "corpus" or "eval_sets.*.path" as (path-key, value)."""
-    parts = dotted.split(".")
-    found = [("", d)]
-    for p in parts:
-        nxt = []
-        for prefix, node in found:
-            if not isinstance(node, dict):
-                continue
-            items = node.items() if p == "*" else ([(p, node[p])] if p in node else [])
-            nxt += [(f"{prefix}.{k}".lstrip("."), v) for k, v in items]
-        found = nxt
-    return found
-
-
-def _set(d: dict, dotted_key: str, value) -> None:
-    parts = dotted_key.split(".")
-    for p in parts[:-1]:
-        d = d[p]
-    d[parts[-1]] = value
 
 
 class LifecycleRun:
@@ -76,20 +59,8 @@ class LifecycleRun:
         self.remote = RemoteStore(remote) if remote else None
         self.tracker = tracker
         self.parent_run_id = parent_run_id
-        selected = [s for s in STAGES if s in cfg.get("stages", STAGES)]
-        unknown = set(cfg.get("stages", [])) - set(STAGES) | set(cfg.get("force", [])) - set(STAGES)
-        if from_stage is not None:
-            unknown |= {from_stage} - set(STAGES)
-        if unknown:
-            raise ValueError(f"unknown stage(s) {sorted(unknown)} in stages/force/--from; "
-                             f"the stages are {STAGES}")
-        self.force = set(cfg.get("force", []))
-        if from_stage is not None:
-            i = STAGES.index(from_stage)
-            selected = [s for s in selected if STAGES.index(s) >= i]
-            self.force |= set(STAGES[i:])   # "rerun from X": X and everything after it recompute
-        self.selected = selected
-        self.last = max((STAGES.index(s) for s in selected), default=-1)
+        # stages/force/--from; a single name (`stages=evaluate`) is one stage (ConfigError else)
+        self.selected, self.force, self.last = plan(cfg, from_stage)
         self.results: dict[str, dict] = {}
 
     # -- the one call a flow makes per stage ------------------------------------------------
@@ -104,7 +75,7 @@ class LifecycleRun:
         retries = int(self.cfg.get("retries", {}).get(name, 0))
         tags = ["llamaflow", f"stage:{group}"] + (["gpu"] if name in GPU_STAGES else [])
         t = task(name=label, retries=retries, retry_delay_seconds=5, cache_policy=NO_CACHE,
-                 tags=tags)(_run_stage)
+                 tags=tags, retry_condition_fn=_worth_a_retry)(_run_stage)
         return t(self, name, label, group, config or {}, inputs)
 
     def write_latest(self) -> Path:
@@ -136,44 +107,13 @@ def _redact_strings(x):
     return redact(x) if isinstance(x, str) else x
 
 
-def _missing(d, prefix: str = "") -> list[str]:
-    """Dotted keys whose value is Hydra's mandatory marker ??? (left unresolved)."""
-    out = []
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out += _missing(v, f"{prefix}{k}.")
-        elif v == "???":
-            out.append(f"{prefix}{k}")
-    return out
-
-
 def _step_config(run: LifecycleRun, name: str, extra: dict):
     """The validated step Config, the dict for the cache key (data paths replaced by their
-    content digests, URLs redacted, excluded knobs dropped) and the data digests."""
-    module = importlib.import_module(f"steps.{name}")
-    section = {k: v for k, v in (run.cfg.get(name) or {}).items() if k not in FLOW_KEYS.get(name, ())}
-    section.update(extra)
-    if name == "download":
-        section = {**section, "source": run.cfg["source"]}
-    raw = json.loads(json.dumps(section))  # deep copy, plain JSON
-    missing = _missing(raw)
-    if missing:
-        prefix = {"download": ""}.get(name, f"{name}.")
-        raise ValueError(f"stage `{name}`: {', '.join(prefix + m for m in missing)} must be set "
-                         f"(the config leaves it as ???): pass e.g. `{prefix}{missing[0]}=...`")
-    data = {}
-    for spec in getattr(module, "DATA_FIELDS", ()):
-        for key, value in _get(raw, spec):
-            if value is None:
-                continue
-            values = value if isinstance(value, list) else [value]
-            absolute = [str(Path(v).expanduser().resolve()) for v in values]
-            _set(raw, key, absolute if isinstance(value, list) else absolute[0])
-            data[key] = [run.hashes.any(Path(v)) for v in absolute]
-    try:
-        config = module.Config(**raw)
-    except Exception as e:  # pydantic's message names the field; add where it comes from
-        raise ValueError(f"invalid `{name}` config (conf/{name}/ and your overrides): {e}") from e
+    content digests, URLs redacted, excluded knobs dropped) and the data digests. The flow has
+    validated every stage before the first task (pipelines/validate.py); this is the same check
+    for this one stage, so a task never runs on a config it did not check."""
+    module, config, _, paths = step_config(run.cfg, name, extra)
+    data = {key: [run.hashes.any(Path(v)) for v in values] for key, values in paths.items()}
     # A step may say how it is shown (public_config: e.g. a URL from url_env, redacted).
     public = getattr(module, "public_config", None)
     key_cfg = json.loads(json.dumps(public(config) if public else config.model_dump(mode="json"),

@@ -30,7 +30,7 @@ from steps.training import (LearningRate, TrainConfig, WarmupRatio, WeightDecay,
                             run_training, save_splits, sha256_files, tokenizer_digest,
                             with_data, worker_main)
 
-VERSION = "1"
+VERSION = "2"
 PREP_VERSION = "sft-1"
 SUFFIXES = (".json", ".jsonl")
 IGNORE_INDEX = -100
@@ -39,10 +39,6 @@ IGNORE_INDEX = -100
 ALPACA_ZH_TEMPLATE = (
     "Below is an instruction that describes a task. Write a response that appropriately "
     "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response: ")
-# Chinese-LLaMA-Alpaca-2 (set prompt_template to this for the v2 recipe)
-LLAMA2_ZH_TEMPLATE = (
-    "[INST] <<SYS>>\nYou are a helpful assistant. 你是一个乐于助人的助手。\n<</SYS>>\n\n"
-    "{instruction} [/INST]")
 
 log = logging.getLogger(__name__)
 

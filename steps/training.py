@@ -341,8 +341,10 @@ def save_adapter(model, tokenizer, out: Path, info: dict, src_tokenizer_dir: Pat
     `state`: the trainable tensors gathered beforehand (trainable_state), needed under FSDP."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    from steps.tokenizer import save_tokenizer
+
     model.save_pretrained(out, state_dict=state)
-    tokenizer.save_pretrained(out)
+    save_tokenizer(tokenizer, out)  # the files llama.cpp's converter and transformers 4.x read
     # transformers 5 writes tokenizer.json only; llama.cpp and the vocab stage read tokenizer.model
     if src_tokenizer_dir is not None and (Path(src_tokenizer_dir) / "tokenizer.model").is_file() \
             and not (out / "tokenizer.model").is_file():

@@ -147,6 +147,10 @@ def test_sft_on_top_of_pt_adapter(tiny_hf_model, pt_adapter, tmp_path):
     assert len(evals) == 2 and evals[1] < evals[0]
     # [PAD] added: 321 rows in the adapter's embeddings and tokenizer (v1's 49953 -> 49954)
     assert tokenizer_size(out)[0] == 321 and check_adapter(out, 320) == 321
+    # ... written so llama.cpp's converter reads [PAD] (added_tokens.json) and 4.x loads it
+    assert json.loads((out / "added_tokens.json").read_text()) == {"[PAD]": 320}
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == \
+        "PreTrainedTokenizerFast"
     info = json.loads((out / "training_info.json").read_text())
     assert info["adapters_applied"][0]["digest"] == adapter_digest(pt_adapter)
     # the merge order of the recipe reproduces training: base + pt merged, resized, + sft

@@ -12,7 +12,4 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 EPHEMERAL_STARTUP_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
 os.environ.setdefault(EPHEMERAL_STARTUP_TIMEOUT_ENV, "180")
 
-import logging as _logging
-
-# llama.cpp prints every model-loader line to stderr unless its Python logger has a level set.
-_logging.getLogger("llama-cpp-python").setLevel(_logging.WARNING)
+# llama.cpp's own log: steps/llamacpp_log.py (quiet unless LLAMAFLOW_LLAMA_CPP_LOG asks).

@@ -196,6 +196,9 @@ class GGUFModel:
         except ImportError as e:
             raise ImportError("evaluating a .gguf needs llama-cpp-python: pip install "
                               "'llama-cpp-python==0.3.36' (or the project's [llamacpp] extra)") from e
+        from steps.llamacpp_log import route_llama_cpp_log
+
+        route_llama_cpp_log()  # the model loader's dump only when asked for
         self.path = Path(path)
         self.n_ctx = n_ctx
         with _model_params(extra_buffers):

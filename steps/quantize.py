@@ -396,6 +396,9 @@ def quantize_gguf(src_gguf: Path, out_path: Path, qtype: str, nthread: int = 0, 
     del r
     import llama_cpp
 
+    from steps.llamacpp_log import route_llama_cpp_log
+
+    route_llama_cpp_log()  # its per-tensor lines only when asked for
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
     params = llama_cpp.llama_model_quantize_default_params()

@@ -389,3 +389,26 @@ def test_run_writes_gguf_and_quant_info(tiny_hf_model, tmp_path):
         Q.run(Q.Config(qtype="q4_0"), tmp_path, model=tiny_hf_model, gguf=f16_dir)
     with pytest.raises(ValueError, match="pass gguf="):
         Q.run(Q.Config(qtype="q4_k_m"), tmp_path, model=tiny_hf_model)
+
+
+def test_llama_cpp_log_is_quiet_unless_asked(exports, tmp_path, capfd, caplog, monkeypatch):
+    """llama.cpp's loader dump and per-tensor lines are INFO: not on the console by default,
+    in the `steps.llama_cpp` log at INFO when LLAMAFLOW_LLAMA_CPP_LOG=info."""
+    import logging
+
+    from steps.evaluate import load
+    from steps.quantize import quantize_gguf
+
+    monkeypatch.delenv("LLAMAFLOW_LLAMA_CPP_LOG", raising=False)
+    with caplog.at_level(logging.WARNING, logger="steps.llama_cpp"):
+        quantize_gguf(exports["f16"], tmp_path / "quiet.gguf", "q8_0")
+        load(tmp_path / "quiet.gguf", n_ctx=64).close()
+    assert "llama_model_loader" not in capfd.readouterr().err
+    assert not [r for r in caplog.records if r.name == "steps.llama_cpp"]
+    monkeypatch.setenv("LLAMAFLOW_LLAMA_CPP_LOG", "info")
+    with caplog.at_level(logging.INFO, logger="steps.llama_cpp"):
+        quantize_gguf(exports["f16"], tmp_path / "loud.gguf", "q8_0")
+    lines = [r for r in caplog.records if r.name == "steps.llama_cpp"]
+    assert any("llama_model_loader" in r.getMessage() and r.levelno == logging.INFO
+               for r in lines)
+    assert all("\n" not in r.getMessage() for r in lines)   # whole lines, one record each

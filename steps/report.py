@@ -196,7 +196,9 @@ def build_report(evaluations: dict[str, Path], training_logs: dict[str, Path] | 
     (out_dir / "gates.json").write_text(json.dumps(gates_out, indent=1), encoding="utf-8")
     table_md = markdown_table(rows, ref)
     (out_dir / "table.md").write_text(table_md + "\n", encoding="utf-8")
-    plots = _plots(rows, labels, training_logs, out_dir)
+    plots = _plots(rows, labels, training_logs, out_dir, ref=ref,
+                   limits=sorted({(c["model"], c["max_delta_pct"]) for c in checks
+                                  if c.get("metric") == "ppl" and c["vs"] == ref}))
     md = ["# llamaflow evaluation report", "", table_md, ""]
     if mismatches:
         md += ["## Token counts differ", "",
@@ -245,7 +247,8 @@ def markdown_table(rows: list[dict], reference: str | None) -> str:
     return "\n".join(lines)
 
 
-def _plots(rows, labels, training_logs, out_dir: Path) -> list[str]:
+def _plots(rows, labels, training_logs, out_dir: Path, *, ref: str | None = None,
+           limits: list[tuple[str, float]] = ()) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -292,17 +295,38 @@ def _plots(rows, labels, training_logs, out_dir: Path) -> list[str]:
         plt.close(fig)
         made.append("loss_curves.png")
 
-    quant = [r for r in rows if r["file_size"]]
+    # Size vs quality of the GGUFs. Perplexity Δ % against the reference, not raw perplexity, so
+    # eval sets with very different perplexities share one axis and a regression is read off
+    # directly (a gate's limit is a dashed line); size on a log axis, since each quant type
+    # roughly halves it; each GGUF named once on the top axis, not once per set beside its points,
+    # where the labels of close sizes piled up.
+    quant = [r for r in rows if r["file_size"] and r.get("delta_ppl_pct") is not None]
     if quant:
-        fig, ax = plt.subplots(figsize=(7, 4))
+        from matplotlib.ticker import FormatStrFormatter, NullLocator
+
+        fig, ax = plt.subplots(figsize=(8, 4.5))
         for s in sets:
-            pts = sorted((r["file_size"] / 1e6, r["ppl"], r["model"]) for r in quant if r["set"] == s)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s)
-            for x, y, m in pts:
-                ax.annotate(m.removeprefix("gguf-"), (x, y), textcoords="offset points",
-                            xytext=(4, 4), fontsize=8)
-        ax.set(title="GGUF size vs perplexity", xlabel="file size (MB)", ylabel="PPL")
-        ax.grid(alpha=.3)
+            pts = sorted((r["file_size"] / 1e6, r["delta_ppl_pct"]) for r in quant if r["set"] == s)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=s)
+        ax.axhline(0.0, color="grey", linewidth=0.8)
+        for model, limit in limits:
+            ax.axhline(limit, color="tab:red", linestyle="--", linewidth=0.8)
+            ax.annotate(f"gate {model.removeprefix('gguf-')}: +{limit:g} %", (0.01, limit),
+                        xycoords=("axes fraction", "data"), textcoords="offset points",
+                        xytext=(0, 3), fontsize=8, color="tab:red")
+        ax.set_xscale("log")
+        for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+            axis(FormatStrFormatter("%g"))
+        sizes = sorted({r["file_size"] / 1e6: r["model"].removeprefix("gguf-") for r in quant}.items())
+        top = ax.secondary_xaxis("top")
+        top.set_xticks([x for x, _ in sizes], labels=[m for _, m in sizes], rotation=40,
+                       fontsize=8, ha="left")
+        top.xaxis.set_minor_locator(NullLocator())
+        ax.set(xlabel="GGUF file size (MB, log scale)",
+               ylabel=f"Δ perplexity vs {ref or 'reference'} (%)")
+        ax.set_title("GGUF size vs perplexity", pad=22)
+        ax.grid(alpha=.3, which="both")
         ax.legend()
         fig.tight_layout()
         fig.savefig(out_dir / "quant_size_vs_ppl.png", dpi=100)

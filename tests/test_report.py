@@ -84,7 +84,7 @@ def test_report_over_real_evaluations(evaluated, tmp_path):
     assert md.count("\n") == 2 + len(rows) and "| gguf-q4_0 | zh |" in md
     assert _png_size(tmp_path / "ppl_per_stage.png") == (1100, 400)
     assert _png_size(tmp_path / "loss_curves.png") == (700, 400)
-    assert _png_size(tmp_path / "quant_size_vs_ppl.png") == (700, 400)
+    assert _png_size(tmp_path / "quant_size_vs_ppl.png") == (800, 450)
     gates = json.loads((tmp_path / "gates.json").read_text())
     assert gates["passed"] and len(gates["checks"]) == 2 and m["gates_passed"] == 1
     assert m["gguf-q4_0.en.ppl"] == by["gguf-q4_0", "en"]["ppl"]

@@ -13,3 +13,19 @@ EPHEMERAL_STARTUP_TIMEOUT_ENV = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECOND
 os.environ.setdefault(EPHEMERAL_STARTUP_TIMEOUT_ENV, "180")
 
 # llama.cpp's own log: steps/llamacpp_log.py (quiet unless LLAMAFLOW_LLAMA_CPP_LOG asks).
+
+import logging as _logging
+
+# The stages' INFO lines (training steps and losses, download and quantize summaries) reach the
+# console and the Prefect run log; without a level of their own they inherit the root's WARNING.
+_logging.getLogger("steps").setLevel(_logging.INFO)
+# ... and not the libraries' chatter around them: MLflow's system-metrics monitor announces each
+# start and stop, transformers draws a bar for loading a few tensors (the stages have their own
+# progress), peft calls a transformers method deprecated in 5.x on every LoRA wrap.
+_logging.getLogger("mlflow.system_metrics").setLevel(_logging.WARNING)
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+import warnings as _warnings
+
+_warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated",
+                         category=FutureWarning)

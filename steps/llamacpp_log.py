@@ -13,12 +13,17 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import re
 
 log = logging.getLogger("steps.llama_cpp")
 LEVEL_ENV = "LLAMAFLOW_LLAMA_CPP_LOG"
 _GGML_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
 _GGML_CONT = 5
 _state = {"callback": None, "level": logging.INFO, "buffer": ""}
+# The quantizer warns once per tensor whose row length a type cannot hold (every tensor of a tiny
+# model), then once in total ("N of M tensor(s) required fallback quantization"): the per-tensor
+# lines count as detail (INFO), the total stays a warning.
+_FALLBACK_TENSOR = re.compile(r"^warning: \S+\s+- ncols\s+\d+ not divisible")
 
 
 def route_llama_cpp_log() -> None:
@@ -38,7 +43,7 @@ def route_llama_cpp_log() -> None:
         *lines, _state["buffer"] = _state["buffer"].split("\n")
         for line in lines:
             if line.strip():
-                log.log(_state["level"], line)
+                log.log(_FALLBACK_TENSOR.match(line) and logging.INFO or _state["level"], line)
 
     _state["callback"] = callback  # ctypes must keep the function object alive
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))

@@ -344,12 +344,35 @@ def save_adapter(model, tokenizer, out: Path, info: dict, src_tokenizer_dir: Pat
     from steps.tokenizer import save_tokenizer
 
     model.save_pretrained(out, state_dict=state)
+    _stable_adapter_files(out)
     save_tokenizer(tokenizer, out)  # the files llama.cpp's converter and transformers 4.x read
     # transformers 5 writes tokenizer.json only; llama.cpp and the vocab stage read tokenizer.model
     if src_tokenizer_dir is not None and (Path(src_tokenizer_dir) / "tokenizer.model").is_file() \
             and not (out / "tokenizer.model").is_file():
         shutil.copyfile(Path(src_tokenizer_dir) / "tokenizer.model", out / "tokenizer.model")
     (out / "training_info.json").write_text(json.dumps(info, indent=2, sort_keys=True))
+
+
+def _stable_adapter_files(out: Path) -> None:
+    """Make what peft's save_pretrained wrote the same bytes for the same training, wherever
+    the base lies and in whatever process: an adapter's digest names its content, so SFT on an
+    unchanged pre-training adapter, or a second workspace, hits the cache.
+    - adapter_config.json: peft keeps target_modules as a set and writes it in set order, which
+      changes from process to process (string hashing is seeded per process): sorted here.
+      base_model_name_or_path is the absolute path of the base model dir: null (what peft
+      writes for a base without a name). Every reader here passes the base explicitly
+      (PeftModel.from_pretrained(base, adapter): merge, evaluate, SFT on a pre-training
+      adapter); the base is recorded by content in training_info.json (base_digest).
+    - README.md: peft's empty model card, whose only facts are that same path and the peft
+      version: not kept."""
+    cfg_file = out / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    if isinstance(cfg.get("target_modules"), list):
+        cfg["target_modules"] = sorted(cfg["target_modules"])
+    cfg["base_model_name_or_path"] = None
+    # peft's own layout of the file (indent 2, sorted keys), so it reads as peft wrote it
+    cfg_file.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+    (out / "README.md").unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -484,6 +507,12 @@ class Trainer:
         self.records.append(record)
         with open(self.out_dir / "trainer_log.jsonl", "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+        # one console line per logging step: where training is and whether it learns
+        shown = [f"{k} {record[k]:.4g}" for k in ("loss", "eval_loss", "lr", "grad_norm")
+                 if isinstance(record.get(k), float)]
+        if "tokens_per_s" in record:
+            shown.append(f"{record['tokens_per_s']:,.0f} tokens/s")
+        log.info("step %d/%d  %s", step, self.total_steps, "  ".join(shown))
         if self.on_metrics is not None:
             self.on_metrics({k: v for k, v in record.items() if k != "step"}, step)
 
@@ -736,10 +765,11 @@ def run_training(stage: str, cfg: TrainConfig, out_dir: Path, *, model_dir: Path
 
         src_tok = adapters[-1] if adapters and (Path(adapters[-1]) / "tokenizer.model").is_file() \
             else model_dir
-        info = {"stage": stage, "base_model": str(Path(model_dir).resolve()),
-                "base_digest": base_digest(model_dir),
-                "adapters_applied": [{"path": str(Path(a).resolve()), "digest": adapter_digest(a)}
-                                     for a in adapters],
+        # The base and the adapters folded into it by content only: a path (a workspace, a
+        # temp dir) would give the same training other bytes, another digest, and retrain SFT
+        # after every pre-training recompute.
+        info = {"stage": stage, "base_digest": base_digest(model_dir),
+                "adapters_applied": [{"digest": adapter_digest(a)} for a in adapters],
                 "vocab_size": len(tokenizer),
                 "embed_rows": int(model.get_input_embeddings().weight.shape[0]),
                 "lora": cfg.lora.model_dump(), **extra_info}

@@ -412,3 +412,24 @@ def test_llama_cpp_log_is_quiet_unless_asked(exports, tmp_path, capfd, caplog, m
     assert any("llama_model_loader" in r.getMessage() and r.levelno == logging.INFO
                for r in lines)
     assert all("\n" not in r.getMessage() for r in lines)   # whole lines, one record each
+
+
+def test_llama_cpp_log_levels(caplog, monkeypatch):
+    """ggml's levels (DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 continues the previous line) map
+    to logging's; per-tensor fallback notes are detail, their total stays a warning."""
+    import logging
+
+    from steps import llamacpp_log
+
+    monkeypatch.setenv("LLAMAFLOW_LLAMA_CPP_LOG", "debug")
+    llamacpp_log.route_llama_cpp_log()
+    cb = llamacpp_log._state["callback"]
+    with caplog.at_level(logging.DEBUG, logger="steps.llama_cpp"):
+        cb(2, b"loaded meta data with 25 key-value ", None)
+        cb(5, b"pairs\n", None)
+        cb(3, b"warning: blk.0.ffn_down.weight   - ncols   172 not divisible by  32 (q8_0)\n", None)
+        cb(3, b"llama_model_quantize_impl: WARNING: 5 of 48 tensor(s) required fallback\n", None)
+        cb(4, b"failed to open\n", None)
+    got = [(r.levelno, r.getMessage()[:20]) for r in caplog.records if r.name == "steps.llama_cpp"]
+    assert got == [(logging.INFO, "loaded meta data wit"), (logging.INFO, "warning: blk.0.ffn_d"),
+                   (logging.WARNING, "llama_model_quantize"), (logging.ERROR, "failed to open")]

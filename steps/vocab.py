@@ -29,18 +29,19 @@ are copied bit for bit, new rows initialised by `init`.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
 from typing import Iterator, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from steps.tokenizer import (NORMAL, TOKENIZER_FILES, UNUSED, USER_DEFINED, load_sp_proto,
                              save_hf_tokenizer)
 
-VERSION = "2"
+VERSION = "3"
+
+TRAIN_THREADS = 2   # SentencePiece trainer threads when none are given (see Config.num_threads)
 
 Mode = Literal["all", "cjk"]
 Init = Literal["mean", "subword_mean", "normal"]
@@ -57,7 +58,10 @@ class Config(BaseModel):
     model_type: Literal["unigram", "bpe"] = "unigram"
     character_coverage: float = 0.9995
     input_sentence_size: int = 2_000_000
-    num_threads: int | None = None          # None: all CPU cores
+    # The trained model depends on the thread count (the trainer splits the sentences among its
+    # threads and sums their counts in that order), so it is a fixed number, part of the cache
+    # key, never this machine's core count: the same corpus gives the same pieces everywhere.
+    num_threads: int = Field(TRAIN_THREADS, ge=1)
     mode: Mode = "all"
     pad_token: str | None = None            # "[PAD]" for Chinese-Alpaca's 49954
     pad_to_multiple_of: int | None = None   # e.g. 256 so K-quants divide the rows
@@ -104,14 +108,19 @@ def iter_corpus(corpus: list[Path] | Path) -> Iterator[str]:
 def train_tokenizer(corpus: list[Path] | Path, out_dir: Path, vocab_size: int,
                     model_type: str = "unigram", character_coverage: float = 0.9995,
                     input_sentence_size: int = 2_000_000, shuffle: bool = True,
-                    num_threads: int | None = None, seed: int = 0, **trainer_kwargs) -> Path:
+                    num_threads: int | None = TRAIN_THREADS, seed: int = 0, **trainer_kwargs) -> Path:
     """Train a SentencePiece model on `corpus` (files or directories of .txt/.jsonl) and return
     out_dir/tokenizer.model. Lines are streamed into the trainer, which keeps a random sample of
     `input_sentence_size` of them (0: all), so a multi-GB corpus is never loaded whole.
 
     Defaults suit a model meant for merging into LLaMA's: the identity normalizer (LLaMA's; the
     recipe's nmt_nfkc would fold the full-width punctuation "，" to ","), digits split as LLaMA
-    does, no byte pieces (the base has them). `trainer_kwargs` go to SentencePieceTrainer."""
+    does, no byte pieces (the base has them). `trainer_kwargs` go to SentencePieceTrainer.
+
+    The pieces depend on num_threads (None: TRAIN_THREADS, not the machine's cores). The model
+    file records no path: the trainer's model_prefix (where it was written, a temp dir inside
+    the stage) is set to the bare file name, so the same corpus and settings give the same
+    bytes in any directory."""
     import sentencepiece as spm
 
     _corpus_files(corpus)  # fail on a bad path before starting the trainer
@@ -120,7 +129,7 @@ def train_tokenizer(corpus: list[Path] | Path, out_dir: Path, vocab_size: int,
     spm.set_random_generator_seed(seed)
     options = dict(model_type=model_type, vocab_size=vocab_size,
                    character_coverage=character_coverage, input_sentence_size=input_sentence_size,
-                   shuffle_input_sentence=shuffle, num_threads=num_threads or os.cpu_count() or 1,
+                   shuffle_input_sentence=shuffle, num_threads=num_threads or TRAIN_THREADS,
                    normalization_rule_name="identity", split_digits=True, byte_fallback=False,
                    unk_id=0, bos_id=1, eos_id=2, pad_id=-1, max_sentence_length=16384,
                    minloglevel=2)
@@ -145,7 +154,11 @@ def train_tokenizer(corpus: list[Path] | Path, out_dir: Path, vocab_size: int,
                          "and not exceed what the corpus supports: change vocab_size (or "
                          "character_coverage) as the message says") from None
     (out_dir / "tokenizer.vocab").unlink(missing_ok=True)
-    return out_dir / "tokenizer.model"
+    model_file = out_dir / "tokenizer.model"
+    proto = load_sp_proto(model_file)
+    proto.trainer_spec.model_prefix = model_file.stem
+    model_file.write_bytes(proto.SerializeToString())
+    return model_file
 
 
 # --------------------------------------------------------------------------------------------

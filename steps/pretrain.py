@@ -25,7 +25,7 @@ from steps.training import (LearningRate, TrainConfig, WarmupRatio, WeightDecay,
                             run_training, save_splits, sha256_files, tokenizer_digest,
                             with_data, worker_main)
 
-VERSION = "2"
+VERSION = "3"
 PREP_VERSION = "pt-1"            # bump when the preprocessing below changes its output
 SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}

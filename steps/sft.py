@@ -30,7 +30,7 @@ from steps.training import (LearningRate, TrainConfig, WarmupRatio, WeightDecay,
                             run_training, save_splits, sha256_files, tokenizer_digest,
                             with_data, worker_main)
 
-VERSION = "2"
+VERSION = "3"
 PREP_VERSION = "sft-1"
 SUFFIXES = (".json", ".jsonl")
 IGNORE_INDEX = -100

@@ -5,7 +5,11 @@ recompute retrains everything after it, and two workspaces (or a shared bucket) 
 """
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,3 +31,53 @@ def test_trained_tokenizer_records_no_path_and_not_the_core_count(tmp_path, monk
     spec = load_sp_proto(made[1]).trainer_spec
     assert str(tmp_path) not in spec.model_prefix and spec.num_threads == vocab.TRAIN_THREADS
     assert vocab.Config().num_threads == vocab.TRAIN_THREADS
+
+
+_SAVE_ADAPTER = textwrap.dedent("""
+    import json, shutil, sys
+    from pathlib import Path
+    import torch
+    from steps.training import LoraSettings, add_lora, base_digest, load_base, save_adapter
+    src, base, out = map(Path, sys.argv[1:4])
+    shutil.copytree(src, base)
+    model, tok = load_base(base)
+    torch.manual_seed(0)
+    model = add_lora(model, LoraSettings(r=2, alpha=4))
+    save_adapter(model, tok, out, {"base_digest": base_digest(base)}, base)
+""")
+
+
+def test_adapter_files_are_the_same_in_any_process_and_directory(tmp_path, tiny_hf_model):
+    """steps.training.save_adapter in two processes (other PYTHONHASHSEED) on copies of one base
+    in two directories: peft wrote target_modules in set order and the base's absolute path
+    (adapter_config.json, README.md)."""
+    outs = []
+    for seed in ("1", "2"):
+        out = tmp_path / f"adapter-{seed}"
+        env = dict(os.environ, PYTHONHASHSEED=seed, PYTHONPATH=str(REPO))
+        subprocess.run([sys.executable, "-c", _SAVE_ADAPTER, str(tiny_hf_model),
+                        str(tmp_path / f"base-{seed}"), str(out)], check=True, env=env, cwd=REPO,
+                       timeout=300)
+        outs.append(out)
+    a, b = ({p.relative_to(o).as_posix(): p.read_bytes() for p in sorted(o.rglob("*"))
+             if p.is_file()} for o in outs)
+    assert sorted(a) == sorted(b) and "README.md" not in a
+    assert [f for f in a if a[f] != b[f]] == []
+    cfg = json.loads(a["adapter_config.json"])
+    assert cfg["target_modules"] == sorted(cfg["target_modules"])
+    assert cfg["base_model_name_or_path"] is None
+    for data in a.values():
+        assert str(tmp_path).encode() not in data
+
+    # the readers pass the base explicitly, so they do not need the path peft recorded
+    from peft import PeftModel
+
+    from steps.merge import merge_adapters
+    from steps.training import load_base
+
+    model, _ = load_base(tiny_hf_model, [outs[0]])      # what SFT does with a pt adapter
+    assert model is not None
+    base, _ = load_base(tiny_hf_model)
+    assert isinstance(PeftModel.from_pretrained(base, outs[0]), PeftModel)   # evaluate's way
+    merge_adapters(tiny_hf_model, [outs[0]], tmp_path / "merged")
+    assert (tmp_path / "merged" / "merge_info.json").is_file()

@@ -41,7 +41,7 @@ from steps.checks import VocabMismatch, check_adapter, check_model, tokenizer_si
 from steps.safetensors_io import ST_DTYPES, StreamingSafetensorsWriter, read_header
 from steps.tokenizer import TOKENIZER_FILES
 
-VERSION = "1"
+VERSION = "2"
 
 Strategy = Literal["sequential", "linear", "cat", "ties", "dare_linear", "dare_ties"]
 OutputFormat = Literal["hf", "meta"]
@@ -114,7 +114,7 @@ class Adapter:
 
     def summary(self) -> dict:
         ranks = sorted({p.A.shape[0] for p in self.lora.values()})
-        return {"path": str(self.path), "r": self.config.get("r"), "lora_alpha":
+        return {"r": self.config.get("r"), "lora_alpha":
                 self.config.get("lora_alpha"), "ranks": ranks, "use_rslora":
                 bool(self.config.get("use_rslora")), "targets": self.targets,
                 "lora_tensors": len(self.lora), "replaced": sorted(self.replace),
@@ -297,7 +297,7 @@ def _check_provenance(base_dir: Path, adapters: list[Adapter], i: int) -> None:
     recorded = info.get("base_digest") or info.get("base_model_digest")
     if recorded and recorded != base_digest(base_dir):
         raise MergeError(
-            f"{ad.path}: trained on a base with digest {recorded[:12]}… ({info.get('base_model')}),"
+            f"{ad.path}: trained on a base with digest {recorded[:12]}…,"
             f" but {base_dir} has digest {base_digest(base_dir)[:12]}… (config.json + tokenizer "
             "files); a LoRA is only valid on the base it was trained on (recipe §6.1). Pass that "
             "base, or set check_base_digest=false if the weights are known to be the same")
@@ -307,8 +307,9 @@ def _check_provenance(base_dir: Path, adapters: list[Adapter], i: int) -> None:
         have = [adapter_digest(a.path) for a in adapters[:i]]
         if want != have:
             raise MergeError(
-                f"{ad.path}: was trained on the base with {[a.get('path') for a in applied]} "
-                f"merged in first, but here it comes after {[str(a.path) for a in adapters[:i]]}. "
+                f"{ad.path}: was trained on the base with the adapters {[w[:12] for w in want]} "
+                f"merged in first, but here it comes after {[str(a.path) for a in adapters[:i]]} "
+                f"(adapters {[h[:12] for h in have]}). "
                 "Give the adapters in training order (e.g. pre-training, then SFT), each after "
                 "the ones it was trained on")
 
@@ -469,7 +470,7 @@ def merge_adapters(base_dir: Path, adapter_dirs: list[Path], out_dir: Path,
                    check_base_digest: bool = True) -> Path:
     """Merge `adapter_dirs` (in this order) into `base_dir`; write the model into `out_dir`.
 
-    Writes merge_info.json (order, each adapter's path/r/alpha/targets, tensors merged)
+    Writes merge_info.json (order, each adapter's digest/r/alpha/targets, tensors merged)
     next to the weights. Returns out_dir."""
     base_dir = Path(base_dir)
     adapter_dirs = [Path(d) for d in adapter_dirs]
@@ -507,19 +508,24 @@ def merge_adapters(base_dir: Path, adapter_dirs: list[Path], out_dir: Path,
                    meta_n_shards)
         files = sorted(out_dir.glob("consolidated.*.pth"))
 
+    # Base and adapters by content (steps.training's base_digest / adapter_digest), never by
+    # path: the same merge in another workspace (or temp dir) must give the same bytes.
+    from steps.training import adapter_digest
+
+    digests = [adapter_digest(d) for d in adapter_dirs]
     info = {
-        "order": [str(d) for d in adapter_dirs],
+        "order": digests,
         "strategy": strategy,
         "weights": weights if strategy != "sequential" else None,
         "density": density if strategy != "sequential" else None,
-        "base": str(base_dir),
         "base_digest": _digest(base_dir),
-        "adapters": [a.summary() for a in adapters],
+        "adapters": [{"digest": d, **a.summary()} for d, a in zip(digests, adapters)],
         "tensors": len(plan.base),
         "lora_deltas_applied": plan.lora_applied,
         "tensors_replaced": plan.replaced,
         "vocab_size": plan.vocab_rows,
-        "tokenizer_from": str(plan.tokenizer_dir),
+        "tokenizer_from": next((d for d, a in zip(digests, adapter_dirs)
+                                if a == plan.tokenizer_dir), "base"),
         "output_format": output_format,
         "files": [f.name for f in files],
         "bytes": sum(f.stat().st_size for f in files),
@@ -594,7 +600,7 @@ def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = N
                          check_base_digest=config.check_base_digest)
     info = json.loads((Path(out) / "merge_info.json").read_text())
     # artifacts live at artifacts/<stage>/<key>: "pretrain/<key>,sft/<key>" says which is which
-    result = {"order": ",".join(f"{Path(p).parent.name}/{Path(p).name}" for p in info["order"]),
+    result = {"order": ",".join(f"{Path(p).parent.name}/{Path(p).name}" for p in adapters),
               "n_adapters": len(info["order"]), "strategy": info["strategy"],
               "vocab_size": info["vocab_size"], "tensors": info["tensors"],
               "lora_deltas_applied": info["lora_deltas_applied"],

@@ -127,7 +127,12 @@ def test_two_adapters_in_order_match_peft(tmp_path, tiny_hf_model, adapters):
     assert diff <= 1e-4, diff
 
     info = json.loads((out / "merge_info.json").read_text())
-    assert info["order"] == [str(adapters["pt"]), str(adapters["sft"])]
+    from steps.training import adapter_digest
+    digests = [adapter_digest(adapters["pt"]), adapter_digest(adapters["sft"])]
+    assert info["order"] == digests and [a["digest"] for a in info["adapters"]] == digests
+    assert info["tokenizer_from"] == digests[1]      # sft's tokenizer (with [PAD]) wins
+    text = (out / "merge_info.json").read_text()      # no path: the same merge, the same bytes
+    assert str(adapters["pt"].parent) not in text and str(tiny_hf_model) not in text
     assert [a["r"] for a in info["adapters"]] == [4, 8]
     assert info["adapters"][1]["ranks"] == [2, 8]     # rank_pattern honoured
     assert info["adapters"][0]["targets"] == sorted(TARGETS)

@@ -51,7 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from steps import MetricsCallback
 from steps.sft import ALPACA_ZH_TEMPLATE, format_prompt  # the prompt SFT trains on
 
-VERSION = "2"
+VERSION = "3"
 PROTOCOLS = ("llama.cpp", "strided")
 
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
@@ -622,6 +622,14 @@ class Config(BaseModel):
 DATA_FIELDS = ("eval_sets.*.path", "prompts")
 # knobs that change speed, not results (batching moves float sums by ~1e-7), kept out of the key
 CACHE_EXCLUDE = ("n_threads", "device", "batch_size")
+# how long scoring and each generation took: other numbers on every run, so kept out of
+# results.json and generations.jsonl (the same model and sets give the same bytes there)
+TIMINGS = "timings.json"
+DIGEST_EXCLUDE = (TIMINGS,)
+
+
+def _name(path) -> str:
+    return Path(str(path)).name
 
 
 def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = None,
@@ -653,10 +661,13 @@ def _run_loaded(config: Config, out_dir: Path, m, texts: dict, prompts: list, ju
     # n_vocab (embedding rows; a GGUF's token list, which both converters pad to those rows) and
     # each text's sha256 let the report compare like with like: one model's HF and GGUF forms
     # share both, so their n_text_tokens must agree (steps/report.py)
-    results = {"model": str(m.path), "backend": m.kind, "adapters": [str(a) for a in m.adapters],
+    # models, adapters and eval sets by file or directory name, not path: the same evaluation in
+    # another workspace writes the same bytes (the manifest's inputs name them by digest)
+    results = {"model": _name(m.path), "backend": m.kind, "adapters": [_name(a) for a in m.adapters],
                "protocol": config.protocol, "n_ctx": config.n_ctx, "n_vocab": m.n_vocab,
                "sets": {}}
     metrics: dict = {}
+    timings: dict = {"sets": {}, "generations": []}
     # tokenize and cut every set first, so a set too short for n_ctx fails before any scoring
     ids, budget = {}, {}
     for name, text in texts.items():
@@ -672,12 +683,14 @@ def _run_loaded(config: Config, out_dir: Path, m, texts: dict, prompts: list, ju
         s = config.eval_sets[name]
         r = perplexity(m, token_ids=ids[name], n_ctx=config.n_ctx, protocol=config.protocol,
                        stride=config.stride, batch_size=config.batch_size, max_tokens=budget[name])
-        r |= {"path": s.path, "kind": s.kind,
+        r |= {"path": _name(s.path), "kind": s.kind, "model": results["model"],
+              "adapters": results["adapters"],
               "text_sha256": hashlib.sha256(texts[name].encode("utf-8")).hexdigest()}
-        results["sets"][name] = r
         flat = {f"{name}.{k}": r[k] for k in ("ppl", "ppl_err", "bits_per_byte", "char_ppl",
                                               "n_scored", "n_tokens", "tokens_per_s")
                 if r[k] is not None}
+        timings["sets"][name] = {k: r.pop(k) for k in ("seconds", "tokens_per_s")}
+        results["sets"][name] = r
         metrics |= flat
         if on_metrics:
             on_metrics(flat, step)
@@ -708,6 +721,8 @@ def _run_loaded(config: Config, out_dir: Path, m, texts: dict, prompts: list, ju
     else:
         results["judge"] = "not configured" if config.judge else "off"
     results["generations"] = len(generations)
+    timings["generations"] = [g.pop("seconds") for g in generations]
+    (out_dir / TIMINGS).write_text(json.dumps(timings, indent=1) + "\n", encoding="utf-8")
     (out_dir / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False),
                                           encoding="utf-8")
     with open(out_dir / "generations.jsonl", "w", encoding="utf-8") as f:

@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from steps import MetricsCallback
 
-VERSION = "2"
+VERSION = "3"
 
 
 class GateFailed(RuntimeError):
@@ -150,7 +150,7 @@ def build_report(evaluations: dict[str, Path], training_logs: dict[str, Path] | 
                 "char_ppl": r["char_ppl"], "n_scored": r["n_scored"],
                 "n_text_tokens": r.get("n_text_tokens"), "n_bytes": r["n_bytes"],
                 "n_vocab": results[label].get("n_vocab"), "text_sha256": r.get("text_sha256"),
-                "tokens_per_s": r.get("tokens_per_s"), "vs_ref": None, "vs_ref_reason": None,
+                "vs_ref": None, "vs_ref_reason": None,
                 "delta_ppl_pct": None, "delta_bpb_pct": None,
                 "file_size": q.get("file_size"), "bpw": q.get("bpw")})
     by = {(r["model"], r["set"]): r for r in rows}

@@ -363,7 +363,17 @@ def test_run_writes_results_and_generations(tiny_hf_model, tmp_path, monkeypatch
     assert m["en.ppl"] == res["sets"]["en"]["ppl"] and m["en.bits_per_byte"] > 0
     assert seen == [0, 1] and m["generations"] == 8 == len(gens)
     assert [g["mode"] for g in gens] == ["greedy"] * 4 + ["sampled"] * 4
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["generations.jsonl", "results.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["generations.jsonl", "results.json",
+                                                          "timings.json"]
+    # timings only in timings.json (DIGEST_EXCLUDE); no path anywhere: the same bytes elsewhere
+    t = json.loads((tmp_path / "timings.json").read_text(encoding="utf-8"))
+    assert set(t["sets"]) == {"en", "corpus"} and t["sets"]["en"]["seconds"] > 0
+    assert len(t["generations"]) == 8 and ev.DIGEST_EXCLUDE == ("timings.json",)
+    assert m["en.tokens_per_s"] == t["sets"]["en"]["tokens_per_s"]
+    written = (tmp_path / "results.json").read_text() + (tmp_path / "generations.jsonl").read_text()
+    assert "seconds" not in written and "tokens_per_s" not in written
+    assert str(tiny_hf_model) not in written and str(DEMO_DATA) not in written
+    assert res["model"] == tiny_hf_model.name and res["sets"]["en"]["path"] == "eval_en.txt"
 
 
 def test_run_with_judge_keeps_the_key_out(tiny_hf_model, tmp_path, monkeypatch, judge_server):

@@ -123,6 +123,9 @@ def test_gates_pass_and_fail(gate_evals, tmp_path):
     # base has another tokenizer (other token count): no per-token Δ, only bits/byte
     assert rows["base", "wiki"]["delta_ppl_pct"] is None
     assert rows["base", "wiki"]["delta_bpb_pct"] == pytest.approx(50.0)
+    # a speed (an evaluation written before timings.json, here 100 tokens/s) is no part of the
+    # report: the same evaluations give the same table.json bytes however fast they ran
+    assert "tokens_per_s" not in (out / "table.json").read_text()
 
     out = tmp_path / "tag"
     out.mkdir()

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_DATA = REPO / "pipelines" / "demo_data"
@@ -81,3 +84,60 @@ def test_adapter_files_are_the_same_in_any_process_and_directory(tmp_path, tiny_
     assert isinstance(PeftModel.from_pretrained(base, outs[0]), PeftModel)   # evaluate's way
     merge_adapters(tiny_hf_model, [outs[0]], tmp_path / "merged")
     assert (tmp_path / "merged" / "merge_info.json").is_file()
+
+
+# Runs one demo lifecycle in its own process, with the PYTHONHASHSEED the test gives it.
+_RUN_DEMO = "import sys; from pipelines.demo import run_demo; run_demo(sys.argv[1])"
+
+
+def _differences(a: dict, b: dict) -> dict:
+    """label -> the files (not DIGEST_EXCLUDE) whose sha256 differs between two workspaces."""
+    out = {}
+    for label, ra in a.items():
+        rb = b.get(label)
+        if rb is None or ra["digest"] != rb["digest"]:
+            if rb is None:
+                out[label] = "missing"
+                continue
+            ma, mb = (json.loads((Path(r["artifact"]) / "manifest.json").read_text())
+                      for r in (ra, rb))
+            fa, fb = ({f["path"]: f.get("sha256") for f in m["files"]} for m in (ma, mb))
+            skip = set(ma.get("digest_exclude", ()))
+            out[label] = sorted(p for p in set(fa) | set(fb) if p not in skip and fa.get(p) != fb.get(p))
+    return out
+
+
+@pytest.mark.slow
+def test_demo_in_two_workspaces_and_processes_gives_the_same_digests(tmp_path, prefect_harness):
+    """The demo lifecycle in two workspace directories, in two processes with other
+    PYTHONHASHSEED values, one after the other: every stage's artifact digest is the same.
+
+    Both workspaces get one copy of the synthetic source (pipelines/demo.py makes it, and the
+    SentencePiece model it trains records where it was written, so two fresh sources differ in
+    that one field). The stages are what is tested: the same source must give the same bytes."""
+    from prefect.settings import PREFECT_API_URL
+
+    from pipelines.config import load_config
+    from pipelines.demo import make_demo_source
+
+    src = make_demo_source(tmp_path / "source", load_config(["recipe=demo"])["model"])
+    latest = []
+    for ws, seed in ((tmp_path / "ws-one", "1"), (tmp_path / "second" / "workspace", "4242")):
+        shutil.copytree(src, ws / "demo-source")
+        env = dict(os.environ, PYTHONHASHSEED=seed, PREFECT_API_URL=PREFECT_API_URL.value(),
+                   PYTHONPATH=str(REPO))
+        subprocess.run([sys.executable, "-c", _RUN_DEMO, str(ws)], check=True, env=env, cwd=REPO,
+                       timeout=900)
+        latest.append(json.loads((ws / "latest.json").read_text())["stages"])
+    a, b = latest
+    assert sorted(a) == sorted(b) and len(a) >= 17
+    assert _differences(a, b) == {}
+    # and no artifact file holds either workspace's path or a temp dir of the run
+    for ws, stages in zip((tmp_path / "ws-one", tmp_path / "second" / "workspace"), latest):
+        for label, r in stages.items():
+            m = json.loads((Path(r["artifact"]) / "manifest.json").read_text())
+            for f in m["files"]:
+                if f["path"] in m.get("digest_exclude", ()) or f["size"] > 4 << 20:
+                    continue
+                data = (Path(r["artifact"]) / f["path"]).read_bytes()
+                assert str(ws).encode() not in data, (label, f["path"])

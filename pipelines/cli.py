@@ -57,6 +57,14 @@ def _prepare_environment(workdir: Path) -> None:
     if not os.environ.get("PREFECT_API_URL"):
         os.environ.setdefault("PREFECT_HOME", str(workdir / "prefect"))
     import pipelines  # noqa: F401  (sets the offline defaults)
+    from pipelines.workspace import start_prefect_server
+
+    try:
+        start_prefect_server(workdir)  # once per workspace at a time; out of Ctrl-C's reach
+    except RuntimeError as e:
+        if not _ephemeral_server_timed_out(e):
+            raise
+        raise SystemExit(2) from None
 
 
 def cmd_run(args) -> int:

@@ -9,13 +9,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
+from pipelines import locks
 from pipelines.config import to_yaml
-from pipelines.runner import LifecycleRun
+from pipelines.runner import LifecycleRun, end_failed
 from pipelines.tracking import Tracker, flatten, git_commit, redact
 from pipelines.validate import check
 
@@ -72,32 +74,127 @@ def lifecycle(overrides: list[str] | None = None, from_stage: str | None = None)
         {k: v for k, v in cfg.items() if k not in {"workdir"}})})
     tracker.log_text(parent, redact(to_yaml(cfg)), "config.yaml")
     log.info("MLflow parent run %s (%s); workspace %s", parent, tracker.uri, workdir)
+    try:
+        _tag_flow_run_with_owner()
+    except Exception as e:  # only the crash detection of a later run depends on it
+        log.warning("could not tag the Prefect flow run with its process: %s", e)
     if os.environ.get("PREFECT_API_URL"):
         create_link_artifact(link=tracker.run_url(parent), link_text="MLflow run",
                              key="mlflow-run", description="The MLflow parent run of this flow run")
 
     try:
         run = LifecycleRun(cfg, tracker, parent, from_stage=from_stage)
-    except BaseException:  # a bad stage list or an unreachable bucket: the parent run failed too
-        tracker.end_run(parent, "FAILED")
+    except BaseException as e:  # a bad stage list or an unreachable bucket: the parent run failed too
+        end_failed(tracker, parent, e, log)
         raise
-    status = "FAILED"
+    _clear_what_dead_runs_left(run, log)
     try:
         lifecycle_steps(run)
-        status = "FINISHED"
-    finally:
         run.write_latest()
         _summarise(run, tracker, parent)
-        try:
-            _publish_report(run, tracker, parent)
-        except Exception as e:  # publishing must never hide the run's own outcome
-            log.warning("could not publish the report: %s", e)
-        try:
-            _register_merged(run, tracker, parent)
-        except Exception as e:  # nor must the registry (e.g. a server refusing a local path)
-            log.warning("could not register the merged model: %s", redact(str(e)))
-        tracker.end_run(parent, status)
+    except BaseException as e:
+        # Every step of the wrap-up on its own: when one fails (a full disk), the others, and
+        # above all the parent's status, still happen.
+        _wrap_up(run, tracker, parent, log, everything=True)
+        end_failed(tracker, parent, e, log)
+        raise
+    _wrap_up(run, tracker, parent, log, everything=False)
+    tracker.end_run(parent, "FINISHED")
     return {"mlflow_parent_run_id": parent, "workdir": str(workdir), "stages": run.results}
+
+
+def _wrap_up(run: LifecycleRun, tracker: Tracker, parent: str, log, everything: bool) -> None:
+    """latest.json and the stage summary (when `everything`: a failed run's), then the report
+    and the registry; a failure of one is a warning, never the run's outcome."""
+    steps = []
+    if everything:
+        steps = [("write latest.json", run.write_latest),
+                 ("summarise the stages", lambda: _summarise(run, tracker, parent))]
+    steps += [("publish the report", lambda: _publish_report(run, tracker, parent)),
+              # e.g. a server refusing a local path
+              ("register the merged model", lambda: _register_merged(run, tracker, parent))]
+    for what, step in steps:
+        try:
+            step()
+        except Exception as e:
+            log.warning("could not %s: %s", what, redact(str(e)))
+
+
+def _clear_what_dead_runs_left(run: LifecycleRun, log) -> None:
+    """A run killed with -9 (or by the OOM killer) records nothing: its MLflow runs and Prefect
+    flow run stay RUNNING and its temp dirs stay on disk. Each run, as it starts, ends those of
+    dead processes on this host and removes temp dirs no live run owns, and says so."""
+    try:
+        for line in run.tracker.fail_orphans():
+            log.warning("%s", line)
+    except Exception as e:  # a tidy-up: never a reason for this run to fail
+        log.warning("could not check for MLflow runs left RUNNING by dead processes: %s", e)
+    try:
+        for line in _crash_orphaned_flow_runs():
+            log.warning("%s", line)
+    except Exception as e:
+        log.warning("could not check for Prefect flow runs left RUNNING by dead processes: %s", e)
+    for tmp in run.store.stale_tmps():
+        shutil.rmtree(tmp, ignore_errors=True)
+        log.warning("removed %s, left by a run that ended before finishing that stage", tmp)
+
+
+def _tag_flow_run_with_owner() -> None:
+    """This flow run's tags name its process (llamaflow.pid:/host:/pid_started:), so that a
+    later run can tell it crashed when the process is gone and it is still RUNNING."""
+    from prefect.client.orchestration import get_client
+
+    flow_run_id = runtime.flow_run.id
+    if not flow_run_id:
+        return
+    owner = locks.me()
+    tags = [t for t in (runtime.flow_run.tags or []) if not t.startswith(_OWNER_TAG_PREFIXES)]
+    tags += [f"llamaflow.pid:{owner['pid']}", f"llamaflow.host:{owner['host']}",
+             f"llamaflow.pid_started:{owner['started']!r}"]
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run_id, tags=tags)
+
+
+_OWNER_TAG_PREFIXES = ("llamaflow.pid:", "llamaflow.host:", "llamaflow.pid_started:")
+
+
+def _crash_orphaned_flow_runs() -> list[str]:
+    """Set CRASHED every RUNNING Prefect flow run (and its RUNNING task runs) whose owner tags
+    name a process on this host that is gone."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter, FlowRunFilterId, FlowRunFilterState, FlowRunFilterStateType, TaskRunFilter,
+        TaskRunFilterState, TaskRunFilterStateType)
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    done = []
+    running = FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))
+    with get_client(sync_client=True) as client:
+        for fr in client.read_flow_runs(flow_run_filter=FlowRunFilter(state=running),
+                                         limit=200):
+            tags = dict(t.split(":", 1) for t in fr.tags if t.startswith(_OWNER_TAG_PREFIXES))
+            if "llamaflow.pid" not in tags:
+                continue
+            try:
+                started = float(tags.get("llamaflow.pid_started", "None"))
+            except ValueError:
+                started = None
+            owner = {"pid": tags["llamaflow.pid"], "host": tags.get("llamaflow.host"),
+                     "started": started}
+            if locks.owner_alive(owner) is not False:
+                continue
+            why = (f"process {owner['pid']} on {owner['host']} is gone and the run was still "
+                   "RUNNING (killed?); marked CRASHED by a later run")
+            tasks = client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr.id])),
+                task_run_filter=TaskRunFilter(state=TaskRunFilterState(
+                    type=TaskRunFilterStateType(any_=[StateType.RUNNING]))))
+            for tr in tasks:
+                client.set_task_run_state(tr.id, Crashed(message=why), force=True)
+            client.set_flow_run_state(fr.id, Crashed(message=why), force=True)
+            done.append(f"Prefect flow run {fr.name} ({fr.id}): {why}")
+    return done
 
 
 def _publish_report(run: LifecycleRun, tracker: Tracker, parent: str) -> None:

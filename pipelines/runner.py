@@ -19,8 +19,9 @@ from pathlib import Path
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from pipelines.artifacts import Artifact, HashCache, Store, cache_key
+from pipelines.artifacts import TMP_PREFIX, Artifact, HashCache, Store, cache_key
 from pipelines.config import STAGES, ConfigError
+from pipelines.locks import describe
 from pipelines.remote import RemoteStore
 from pipelines.tracking import Tracker, git_commit, redact
 from pipelines.validate import FLOW_KEYS, get_all as _get, plan, set_at as _set, step_config
@@ -53,8 +54,8 @@ class LifecycleRun:
     def __init__(self, cfg: dict, tracker: Tracker, parent_run_id: str, from_stage: str | None = None):
         self.cfg = cfg
         self.workdir = Path(cfg["workdir"]).resolve()
-        self.store = Store(self.workdir / "artifacts")
         self.hashes = HashCache(self.workdir / "hashcache.json")
+        self.store = Store(self.workdir / "artifacts", self.hashes)
         remote = (cfg.get("storage") or {}).get("remote")  # a shared cache in a bucket, if set
         self.remote = RemoteStore(remote) if remote else None
         self.tracker = tracker
@@ -80,7 +81,7 @@ class LifecycleRun:
 
     def write_latest(self) -> Path:
         path = self.workdir / "latest.json"
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # two runs may write it at once
         tmp.write_text(json.dumps({"mlflow_parent_run_id": self.parent_run_id,
                                    "stages": self.results}, indent=1))
         os.replace(tmp, path)
@@ -136,13 +137,37 @@ def _run_stage(run: LifecycleRun, name: str, label: str, group: str, extra: dict
     module, config, key_cfg, data = _step_config(run, name, extra)
     input_digests = _each_artifact(inputs, "digest")
     key = cache_key(name, module.VERSION, key_cfg, {"artifacts": input_digests, "data": data})
+
+    def waiting(owner):
+        log.info("%s: waiting for %s, which is computing this stage (key %s); this run then "
+                 "takes its result from the cache", label, describe(owner), key[:12])
+
+    # One run at a time owns this key, from the lookup to the commit: a second run started
+    # together waits here and then finds the first one's artifact, instead of computing it again
+    # and resuming from checkpoints the first is still writing.
+    with run.store.key_lock(name, key, what=f"{label} in lifecycle run {run.parent_run_id}",
+                            on_wait=waiting):
+        return _run_stage_locked(run, log, module, config, key_cfg, data, key, name, label, group,
+                                 inputs, input_digests)
+
+
+def _run_stage_locked(run: LifecycleRun, log, module, config, key_cfg: dict, data: dict, key: str,
+                      name: str, label: str, group: str, inputs: dict,
+                      input_digests) -> Artifact:
+    # Any temp dir of this key is a dead run's (the key lock is ours): it would only fill the disk
+    for stale in sorted((run.store.root / name).glob(f"{TMP_PREFIX}{key[:16]}*")):
+        shutil.rmtree(stale, ignore_errors=True)
+        log.warning("%s: removed %s, left by a run that ended before finishing this stage",
+                    label, stale)
     selected = group in run.selected
     forced = group in run.force
-    hit = None if forced else run.store.lookup(name, key)
-    cache = "hit" if hit else "miss"
+    damaged: list[str] = []
+    hit = None if forced else run.store.lookup(name, key, warn=lambda m: (
+        damaged.append(m), log.warning("%s", m)))
+    cache = "forced" if forced else "hit" if hit else "miss"
     if hit is None and not forced and run.remote is not None and \
             run.remote.fetch(name, key, run.store.final_dir(name, key)):
-        hit, cache = run.store.lookup(name, key), "hit-remote"
+        hit, cache = run.store.lookup(name, key, warn=log.warning), "hit-remote"
     if hit is None and not selected:
         raise StageNotCached(
             f"stage `{label}` is not selected (stages/--from) and has no cached artifact for this "
@@ -151,62 +176,85 @@ def _run_stage(run: LifecycleRun, name: str, label: str, group: str, extra: dict
 
     tags = {"llamaflow.stage": name, "llamaflow.label": label, "llamaflow.cache_key": key,
             "llamaflow.cache": cache, "llamaflow.stage_version": module.VERSION,
-            "llamaflow.input_digests": json.dumps(input_digests)[:5000], "git_commit": git_commit()}
+            "llamaflow.input_digests": json.dumps(input_digests)[:5000], "git_commit": git_commit(),
+            **({"llamaflow.damaged": " ".join(damaged)} if damaged else {})}
     run_id = run.tracker.start_run(label, parent=run.parent_run_id, tags=tags)
-    run.tracker.log_params(run_id, key_cfg)
-    run.tracker.log_dict(run_id, key_cfg, "stage_config.json")
-    t0 = time.time()
-    if hit is not None:
-        log.info("%s: cache hit %s (%s)", label, key[:12], hit.path)
-        artifact = hit
-        metrics = artifact.manifest.get("metrics", {})
-    else:
-        log.info("%s: cache %s, running (key %s)", label, "forced" if forced else "miss", key[:12])
-        tmp = run.store.new_tmp(name, key)
-        monitor = run.tracker.system_metrics(run_id) if name in GPU_STAGES else None
-        kwargs = dict(_each_artifact(inputs, "path"))
-        params = inspect.signature(module.run).parameters
-        if "resume_dir" in params:  # checkpoints survive a crash: the rerun of this key resumes
-            kwargs["resume_dir"] = run.workdir / "scratch" / name / key[:16]
-        if "data_cache_dir" in params:  # tokenized datasets, keyed by the step on data+tokenizer
-            kwargs["data_cache_dir"] = run.workdir / "data_cache"
-        try:
-            metrics = module.run(config, tmp, on_metrics=lambda m, step: run.tracker.log_metrics(
-                run_id, m, step), **kwargs) or {}
+    tmp = None
+    try:
+        run.tracker.log_params(run_id, key_cfg)
+        run.tracker.log_dict(run_id, key_cfg, "stage_config.json")
+        t0 = time.time()
+        if hit is not None:
+            log.info("%s: cache hit %s (%s)", label, key[:12], hit.path)
+            artifact = hit
+            metrics = artifact.manifest.get("metrics", {})
+        else:
+            log.info("%s: cache %s, running (key %s)", label, cache, key[:12])
+            tmp = run.store.new_tmp(name, key)
+            monitor = run.tracker.system_metrics(run_id) if name in GPU_STAGES else None
+            kwargs = dict(_each_artifact(inputs, "path"))
+            params = inspect.signature(module.run).parameters
+            if "resume_dir" in params:  # checkpoints survive a crash: the rerun of this key resumes
+                kwargs["resume_dir"] = run.workdir / "scratch" / name / key[:16]
+            if "data_cache_dir" in params:  # tokenized data, keyed by the step on data+tokenizer
+                kwargs["data_cache_dir"] = run.workdir / "data_cache"
+            try:
+                metrics = module.run(config, tmp, on_metrics=lambda m, step:
+                                     run.tracker.log_metrics(run_id, m, step), **kwargs) or {}
+            finally:
+                if monitor is not None:
+                    monitor.finish()
+            # forced (force=[...], --from): the new bytes replace the cached ones, never the
+            # reverse, so a damaged artifact is repaired by forcing its stage
             artifact = run.store.commit(tmp, name, key, version=module.VERSION, config=key_cfg,
                                         inputs={"artifacts": input_digests, "data": data},
                                         metrics=metrics, extra={"label": label},
-                                        digest_exclude=getattr(module, "DIGEST_EXCLUDE", ()))
+                                        digest_exclude=getattr(module, "DIGEST_EXCLUDE", ()),
+                                        replace=forced)
+            tmp = None
             if "resume_dir" in kwargs:  # finished: its checkpoints are no longer needed
                 shutil.rmtree(kwargs["resume_dir"], ignore_errors=True)
-        except BaseException as e:
+        if run.remote is not None and cache != "hit-remote":  # share it (no-op if the bucket has it)
+            try:
+                run.remote.push(artifact)
+            except Exception as e:  # the local result stands; other workers just don't get it yet
+                log.warning("%s: push to %s failed: %s", label, run.remote.url, redact(str(e)))
+        seconds = time.time() - t0
+        size = sum(f["size"] for f in artifact.manifest["files"])
+        speed = {} if hit else {"artifact_MB_per_s": size / 1e6 / max(seconds, 1e-9)}
+        run.tracker.log_metrics(run_id, {**metrics, "stage_seconds": seconds,
+                                         "artifact_bytes": size, **speed})
+        run.tracker.set_tags(run_id, {"llamaflow.artifact_dir": str(artifact.path),
+                                      "llamaflow.artifact_digest": artifact.digest})
+        run.tracker.log_dict(run_id, artifact.manifest, "manifest.json")
+        _log_small_files(run, run_id, artifact)
+    except BaseException as e:
+        if tmp is not None:  # first: on a full disk this is what frees the space to record it
             shutil.rmtree(tmp, ignore_errors=True)
-            run.tracker.set_tags(run_id, {"llamaflow.error": redact(
-                "".join(traceback.format_exception_only(e)))})
-            run.tracker.end_run(run_id, "FAILED" if isinstance(e, Exception) else "KILLED")
-            raise
-        finally:
-            if monitor is not None:
-                monitor.finish()
-    if run.remote is not None and cache != "hit-remote":  # share it (a no-op when the bucket has it)
-        try:
-            run.remote.push(artifact)
-        except Exception as e:  # the local result stands; other workers just don't get it yet
-            log.warning("%s: push to %s failed: %s", label, run.remote.url, redact(str(e)))
-    seconds = time.time() - t0
-    size = sum(f["size"] for f in artifact.manifest["files"])
-    run.tracker.log_metrics(run_id, {**metrics, "stage_seconds": seconds, "artifact_bytes": size,
-                                     **({} if hit else {"artifact_MB_per_s": size / 1e6 / max(seconds, 1e-9)})})
-    run.tracker.set_tags(run_id, {"llamaflow.artifact_dir": str(artifact.path),
-                                  "llamaflow.artifact_digest": artifact.digest})
-    run.tracker.log_dict(run_id, artifact.manifest, "manifest.json")
-    _log_small_files(run, run_id, artifact)
+        end_failed(run.tracker, run_id, e, log)
+        raise
     run.tracker.end_run(run_id)
     run.results[label] = {"stage": name, "artifact": str(artifact.path), "key": key,
                           "digest": artifact.digest, "cache": cache,
                           "mlflow_run_id": run_id, "seconds": round(seconds, 3)}
     run.write_latest()
     return artifact
+
+
+def end_failed(tracker: Tracker, run_id: str, error: BaseException, log) -> None:
+    """End an MLflow run FAILED (KILLED on Ctrl-C) with the error as its `llamaflow.error` tag.
+    Each write is tried on its own: when recording the error fails too (a full disk), the status
+    must still change, or the run stays RUNNING for ever."""
+    status = "FAILED" if isinstance(error, Exception) else "KILLED"
+    try:
+        tracker.set_tags(run_id, {"llamaflow.error": redact(
+            "".join(traceback.format_exception_only(error)))})
+    except Exception as e:
+        log.warning("could not record the error on MLflow run %s: %s", run_id, e)
+    try:
+        tracker.end_run(run_id, status)
+    except Exception as e:
+        log.error("could not mark MLflow run %s %s: %s", run_id, status, e)
 
 
 def _log_small_files(run: LifecycleRun, run_id: str, artifact: Artifact) -> None:

@@ -19,11 +19,21 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
+from pipelines import locks
+
 log = logging.getLogger(__name__)
 
 PARAM_MAX = 6000          # MLflow's limit on a param value
 BATCH = 100               # params per log_batch call
 URL = re.compile(r"https?://[^\s'\"<>]+")
+PID_TAG, HOST_TAG, PID_STARTED_TAG = "llamaflow.pid", "llamaflow.host", "llamaflow.pid_started"
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///...` tracking URI (None for servers, in-memory)."""
+    if not uri.startswith("sqlite:///") or uri.endswith(":memory:"):
+        return None
+    return Path(uri[len("sqlite:///"):].split("?", 1)[0])
 
 
 def redact(value):
@@ -68,25 +78,72 @@ class Tracker:
         self.cfg = cfg
         self.uri = cfg.get("tracking_uri") or os.environ.get("MLFLOW_TRACKING_URI") or \
             f"sqlite:///{self.workdir / 'mlflow.db'}"
-        self.client = MlflowClient(tracking_uri=self.uri)
-        name = cfg.get("experiment", "llamaflow")
-        exp = self.client.get_experiment_by_name(name)
-        if exp is None:
-            location = None
-            if self.uri.startswith("sqlite:"):
-                location = (self.workdir / "mlartifacts").as_uri()
-            self.experiment_id = self.client.create_experiment(name, artifact_location=location)
+        self.experiment_name = cfg.get("experiment", "llamaflow")
+        db = _sqlite_path(self.uri)
+        if db is None:  # a server creates its own database, once
+            self.client = MlflowClient(tracking_uri=self.uri)
+            self.experiment_id = self._experiment()
         else:
-            self.experiment_id = exp.experiment_id
+            # The first use of a SQLite file (MlflowClient() itself) creates and migrates its
+            # tables; two runs doing it at once break it ("table _alembic_tmp_experiments
+            # already exists"). Whoever comes first does it under the lock beside the file (the
+            # workspace's .init.lock by default); the other waits and then finds it all made.
+            db.parent.mkdir(parents=True, exist_ok=True)
+            with locks.hold(db.parent / locks.INIT_LOCK, what="creating the MLflow database",
+                            on_wait=lambda owner: log.info(
+                                "waiting for %s to create the MLflow database %s",
+                                locks.describe(owner), db)):
+                self.client = MlflowClient(tracking_uri=self.uri)
+                self.experiment_id = self._experiment()
+                self.client.search_registered_models(max_results=1)  # the registry's store too
+
+    def _experiment(self) -> str:
+        exp = self.client.get_experiment_by_name(self.experiment_name)
+        if exp is not None:
+            return exp.experiment_id
+        location = None
+        if self.uri.startswith("sqlite:"):
+            location = (self.workdir / "mlartifacts").as_uri()
+        return self.client.create_experiment(self.experiment_name, artifact_location=location)
 
     def start_run(self, name: str, *, parent: str | None = None, tags: dict | None = None) -> str:
-        tags = {k: redact(str(v)) for k, v in (tags or {}).items()}
+        """A RUNNING run tagged with the process that owns it (llamaflow.pid/.host/.pid_started),
+        so a later run can tell one whose process died (kill -9) from one still going."""
+        owner = locks.me()
+        tags = {k: redact(str(v)) for k, v in (tags or {}).items()} | {
+            PID_TAG: str(owner["pid"]), HOST_TAG: owner["host"],
+            PID_STARTED_TAG: repr(owner["started"])}
         if parent:
             tags["mlflow.parentRunId"] = parent
         return self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(run_id, status=status)
+
+    def fail_orphans(self) -> list[str]:
+        """End FAILED every run of this experiment still RUNNING whose owning process, on this
+        host, is gone (killed, or it died before it could record anything); returns what was
+        done, one line per run. Runs of other hosts, and runs made before the owner was
+        recorded, are left alone: nothing here can tell whether they still run."""
+        done = []
+        for r in self.client.search_runs([self.experiment_id], "attributes.status = 'RUNNING'",
+                                         max_results=5000):
+            t = r.data.tags
+            if PID_TAG not in t:
+                continue
+            try:
+                started = float(t.get(PID_STARTED_TAG, "None"))
+            except ValueError:
+                started = None
+            owner = {"pid": t[PID_TAG], "host": t.get(HOST_TAG), "started": started}
+            if locks.owner_alive(owner) is not False:
+                continue
+            what = (f"process {owner['pid']} on {owner['host']} ended without recording how the "
+                    "run ended (killed?); marked FAILED by a later run")
+            self.set_tags(r.info.run_id, {"llamaflow.error": what})
+            self.end_run(r.info.run_id, "FAILED")
+            done.append(f"MLflow run {r.info.run_id} ({r.info.run_name}): {what}")
+        return done
 
     def log_params(self, run_id: str, params: dict) -> None:
         items = [Param(k[:250], v) for k, v in flatten(params).items()]

@@ -5,6 +5,7 @@
     llamaflow config [--check] [overrides...]               print the resolved config, or
                                                             check it (every stage, its files)
     llamaflow ui [--workdir DIR] [--port N]                 the MLflow UI on the workspace database
+    llamaflow verify [--workdir DIR] [STAGE...]             re-hash every artifact against its manifest
     llamaflow serve | deploy                                Prefect deployments with schedules
 """
 from __future__ import annotations
@@ -141,6 +142,34 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    """Every artifact (of the given stages) re-hashed against its manifest: each damaged one
+    named with its files, exit 1 if any is."""
+    from pipelines.artifacts import Store
+
+    unknown = [s for s in args.stages if s not in STAGES]
+    if unknown:
+        print(f"llamaflow verify: unknown stage(s) {', '.join(unknown)} (the stages: "
+              f"{', '.join(STAGES)})", file=sys.stderr)
+        return 2
+    store = Store(Path(args.workdir).expanduser().resolve() / "artifacts")
+    arts = [a for stage in (args.stages or [None]) for a in store.artifacts(stage)]
+    damaged = []
+    for a in arts:
+        bad = store.verify(a)
+        if bad:
+            damaged.append(a)
+            what = [f"{f} ({'sha256 differs' if (a.path / f).is_file() else 'missing'})"
+                    for f in bad]
+            print(f"DAMAGED {a.stage} {a.path}: {', '.join(what)}", flush=True)
+    print(f"{len(arts)} artifact(s) in {store.root} checked, {len(damaged)} damaged")
+    if damaged:
+        stages = sorted({a.stage for a in damaged}, key=STAGES.index)
+        print(f"recompute them with `llamaflow run force=[{','.join(stages)}]` (the same "
+              "overrides as the run that made them)")
+    return 1 if damaged else 0
+
+
 def cmd_ui(args) -> int:
     workdir = Path(args.workdir).expanduser().resolve()
     db = workdir / "mlflow.db"
@@ -189,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     u.add_argument("--workdir", default=os.environ.get("LLAMAFLOW_WORKDIR", "workspace"))
     u.add_argument("--host", default="127.0.0.1")
     u.add_argument("--port", type=int, default=5000)
+    v = sub.add_parser("verify", help="re-hash every artifact (or those of the given stages) "
+                                      "against its manifest; exit 1 when one is damaged")
+    v.add_argument("--workdir", default=os.environ.get("LLAMAFLOW_WORKDIR", "workspace"))
+    v.add_argument("stages", nargs="*", metavar="STAGE")
     for name in ("serve", "deploy"):
         s = sub.add_parser(name, help=f"Prefect deployments with schedules ({name})")
         s.add_argument("names", nargs="*", help="deployment names from conf/deploy (default all)")
@@ -209,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_config(args)
         if args.cmd == "ui":
             return cmd_ui(args)
+        if args.cmd == "verify":
+            return cmd_verify(args)
         return cmd_deploy(args, serve=args.cmd == "serve")
     except ConfigError as e:  # every problem at once, with its key and fix; nothing ran
         print(f"llamaflow: {e}", file=sys.stderr)

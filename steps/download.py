@@ -644,6 +644,21 @@ def _local_plan(src: LocalSource) -> tuple[list[str], dict[str, Path], list[str]
     return names, paths, sorted(shards)
 
 
+def _naming_the_source(e: VerificationError, dest: Path,
+                       paths: dict[str, Path]) -> VerificationError:
+    """A local source is checked on its copy in `dest` (a scratch dir the user never named): the
+    message, and a ChecksumError's `path`, name the user's own files and folder instead."""
+    text = str(e)
+    for name, src in paths.items():
+        text = text.replace(str(dest / name), str(src))
+        if isinstance(e, ChecksumError) and e.path == dest / name:
+            e.path = src
+    if CHECKLIST in paths:
+        text = text.replace(str(dest), str(paths[CHECKLIST].parent))
+    e.args = (text,)
+    return e
+
+
 def _local_fetch(paths: dict[str, Path], hardlink: bool, progress: _Progress) -> Fetch:
     def fetch(name: str, target: Path, fresh: bool) -> None:
         src = paths[name]
@@ -854,9 +869,12 @@ def _download(source, dest: Path, *, workers: int, retries: int, progress: bool,
                          stop=stop, expect_listed=[*shards, "params.json"], on_file=on_file)
         elif isinstance(source, LocalSource):
             names, paths, shards = _local_plan(source)
-            _materialize(names, _local_fetch(paths, source.hardlink, bar), dest, workers=workers,
-                         digests=verify, stats=stats, stop=stop,
-                         expect_listed=[*shards, "params.json"], on_file=on_file)
+            try:
+                _materialize(names, _local_fetch(paths, source.hardlink, bar), dest,
+                             workers=workers, digests=verify, stats=stats, stop=stop,
+                             expect_listed=[*shards, "params.json"], on_file=on_file)
+            except VerificationError as e:
+                raise _naming_the_source(e, dest, paths) from None
         elif isinstance(source, HfSource):
             names, fetch, extra, staging = _hub_plan(source, dest, retries, bar, stats)
             _materialize(names, fetch, dest, workers=workers, digests=verify, extra=extra,

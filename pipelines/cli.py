@@ -1,7 +1,9 @@
 """`llamaflow` — the command line.
 
     llamaflow run [--from STAGE] [-m] [hydra overrides...]   the lifecycle (or part of it)
-    llamaflow demo [--workdir DIR] [overrides...]           the tiny CPU lifecycle, loopback only
+    llamaflow demo [--workdir DIR] [--http] [--from STAGE] [-m] [overrides...]
+                                                            the tiny CPU lifecycle, offline; its
+                                                            checkpoint stays for `run recipe=demo`
     llamaflow config [--check] [overrides...]               print the resolved config, or
                                                             check it (every stage, its files)
     llamaflow ui [--workdir DIR] [--port N]                 the MLflow UI on the workspace database
@@ -68,14 +70,27 @@ def _prepare_environment(workdir: Path) -> None:
         raise SystemExit(2) from None
 
 
+def _pin_workdir(overrides: list[str]) -> None:
+    """A workdir taken from LLAMAFLOW_WORKDIR or the default `workspace` is relative to this
+    process's directory; make it absolute for the run, so paths composed from it (the demo
+    source, `${workdir}/demo-source`, is part of the download stage's cache key) are the same
+    strings whichever way the workspace was named."""
+    if not any(o.startswith("workdir=") for o in overrides):
+        os.environ["LLAMAFLOW_WORKDIR"] = str(_workdir(overrides))
+
+
 def cmd_run(args) -> int:
-    overrides = _hide_secrets(args.overrides)
+    _pin_workdir(args.overrides)
+    return _run(_hide_secrets(args.overrides), args.from_stage, args.multirun)
+
+
+def _run(overrides: list[str], from_stage: str | None, multirun: bool) -> int:
     from pipelines.config import expand_sweep
     from pipelines.validate import check
 
-    runs = expand_sweep(overrides) if args.multirun else [overrides]
+    runs = expand_sweep(overrides) if multirun else [overrides]
     # Every run's config, every stage, before Prefect starts (the flow checks again: deployments)
-    workdirs = [Path(check(ov, args.from_stage)[0]["workdir"]).expanduser().resolve() for ov in runs]
+    workdirs = [Path(check(ov, from_stage)[0]["workdir"]).expanduser().resolve() for ov in runs]
     _prepare_environment(workdirs[0] if workdirs else _workdir(overrides))
     from pipelines.lifecycle import lifecycle
 
@@ -84,7 +99,7 @@ def cmd_run(args) -> int:
         if len(runs) > 1:
             print(f"== multirun {i + 1}/{len(runs)}: {' '.join(ov)}", flush=True)
         try:
-            results.append(lifecycle(overrides=ov, from_stage=args.from_stage))
+            results.append(lifecycle(overrides=ov, from_stage=from_stage))
         except RuntimeError as e:
             if not _ephemeral_server_timed_out(e):
                 raise
@@ -117,14 +132,31 @@ def _print_result(result: dict) -> None:
 
 
 def cmd_demo(args) -> int:
-    workdir = Path(args.workdir).expanduser().resolve()
-    _prepare_environment(workdir)
-    from pipelines.demo import run_demo
+    """Synthesise the demo checkpoint into the workspace (once), then `run` recipe=demo on it,
+    with the same --from/-m handling; --http downloads it from a 127.0.0.1 server instead."""
+    import contextlib
 
-    result = run_demo(workdir, _hide_secrets(args.overrides))
-    _print_result(result)
+    from pipelines.config import ConfigError
+    from pipelines.validate import workdir_problem
+
+    workdir = Path(args.workdir).expanduser().resolve()
+    problem = workdir_problem(workdir, create=True)   # before anything is written there
+    if problem is not None:
+        raise ConfigError([problem])
+    from pipelines.demo import demo_overrides, ensure_demo_source, serve_directory
+
+    source = ensure_demo_source(workdir)
+    with (serve_directory(source) if args.http else contextlib.nullcontext()) as url:
+        if url:
+            print(f"demo: serving the synthetic Meta checkpoint at {url}", flush=True)
+        rc = _run(demo_overrides(workdir, _hide_secrets(args.overrides), url), args.from_stage,
+                  args.multirun)
+    if rc:
+        return rc
+    here = "" if _workdir([]) == workdir else f"LLAMAFLOW_WORKDIR={workdir} "
     print(f"\nlatest.json: {workdir / 'latest.json'}")
-    print(f"MLflow UI:   llamaflow ui --workdir {workdir}   (then open http://127.0.0.1:5000)")
+    print(f"MLflow UI:   {here}llamaflow ui   (then open http://127.0.0.1:5000)")
+    print(f"Next:        {here}llamaflow run recipe=demo pretrain.lora.r=16   (README: Using it)")
     return 0
 
 
@@ -205,8 +237,16 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("-m", "--multirun", action="store_true",
                    help="a=1,2 b=x,y → one lifecycle run per combination (shared upstream cache)")
     r.add_argument("overrides", nargs="*")
-    d = sub.add_parser("demo", help="the tiny CPU lifecycle from a loopback HTTP source")
+    d = sub.add_parser("demo", help="the tiny CPU lifecycle on a synthetic checkpoint it keeps "
+                                    "in the workspace (then: llamaflow run recipe=demo ...)")
     d.add_argument("--workdir", default=os.environ.get("LLAMAFLOW_WORKDIR", "workspace"))
+    d.add_argument("--http", action="store_true",
+                   help="download the checkpoint from a 127.0.0.1 HTTP server (a url source, as "
+                        "Meta's presigned URLs are) instead of reading the folder")
+    d.add_argument("--from", dest="from_stage", choices=STAGES,
+                   help="recompute this stage and all after it; upstream comes from the cache")
+    d.add_argument("-m", "--multirun", action="store_true",
+                   help="a=1,2 b=x,y → one lifecycle run per combination (shared upstream cache)")
     d.add_argument("overrides", nargs="*")
     c = sub.add_parser("config", help="print the resolved config (--check: validate it)")
     c.add_argument("--check", action="store_true",
@@ -247,6 +287,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_deploy(args, serve=args.cmd == "serve")
     except ConfigError as e:  # every problem at once, with its key and fix; nothing ran
         print(f"llamaflow: {e}", file=sys.stderr)
+        if any(p.key == "source.path" and str(p.value).rstrip("/").endswith("/demo-source")
+               for p in e.problems):
+            print("llamaflow: recipe=demo reads the checkpoint `llamaflow demo` writes into the "
+                  "workspace: run `llamaflow demo` first, with the same workdir", file=sys.stderr)
         return 2
 
 

@@ -1,10 +1,17 @@
-"""`llamaflow demo`: the whole lifecycle on a CPU in minutes, with no network beyond loopback.
+"""`llamaflow demo`: the whole lifecycle on a CPU in minutes, offline.
 
 It synthesises a tiny Meta-format checkpoint (2 model-parallel shards, GQA) and a LLaMA-like
-tokenizer trained on the English half of the bilingual demo corpus in pipelines/demo_data/,
-serves them from a 127.0.0.1 HTTP server in Meta's download layout (with checklist.chk), and runs
-the lifecycle on them with recipe=demo: download → convert → vocab (a Chinese tokenizer trained on
+tokenizer trained on the English half of the bilingual demo corpus in pipelines/demo_data/, into
+the workspace (`<workdir>/demo-source`, Meta's download layout with checklist.chk), and runs the
+lifecycle on it with recipe=demo: download → convert → vocab (a Chinese tokenizer trained on
 the Chinese half) → pretrain → sft → merge → quantize → evaluate.
+
+The checkpoint stays in the workspace and the demo recipe reads it as a local source
+(conf/source/demo.yaml), so later `llamaflow run recipe=demo ...` commands and the shipped
+deployments in that workspace start from it and hit the demo's cache. With `http=True`
+(`llamaflow demo --http`) the same folder is served from a 127.0.0.1 HTTP server and downloaded
+as a url source, the code path of Meta's presigned URLs (another download cache key, the same
+bytes: the stages after download hit either way).
 """
 from __future__ import annotations
 
@@ -34,6 +41,16 @@ def train_base_tokenizer(out_path: Path, vocab_size: int = 512) -> Path:
         normalization_rule_name="identity", add_dummy_prefix=True, remove_extra_whitespaces=False,
         num_threads=1,
         minloglevel=2)
+    out_path.with_suffix(".vocab").unlink(missing_ok=True)
+    # The trainer records where it read and wrote (input, model_prefix): keep the names only,
+    # so the synthetic source has the same bytes (and the download stage the same key) whatever
+    # folder it is built in (ensure_demo_source builds it in a temporary one).
+    from steps.tokenizer import load_sp_proto
+
+    proto = load_sp_proto(out_path)
+    proto.trainer_spec.model_prefix = out_path.stem
+    proto.trainer_spec.input[:] = [Path(p).name for p in proto.trainer_spec.input]
+    out_path.write_bytes(proto.SerializeToString())
     return out_path
 
 
@@ -79,15 +96,49 @@ def serve_directory(root: Path):
         server.server_close()
 
 
-def run_demo(workdir: Path, overrides: list[str] = (), from_stage: str | None = None) -> dict:
-    from pipelines.config import load_config
+DEMO_SOURCE = "demo-source"   # the folder under the workdir (conf/source/demo.yaml)
+
+
+def ensure_demo_source(workdir: Path, model_cfg: dict | None = None) -> Path:
+    """`<workdir>/demo-source`, synthesised unless a complete one is there. Built beside it and
+    renamed into place, so an interrupted demo never leaves a half-written checkpoint that a
+    later run would take for the demo's."""
+    import shutil
+    import tempfile
+
+    if model_cfg is None:
+        from pipelines.config import load_config
+
+        model_cfg = load_config(["recipe=demo", f"workdir={workdir}"])["model"]
+    source = Path(workdir) / DEMO_SOURCE
+    if (source / model_cfg["meta_dir"] / "checklist.chk").is_file():
+        return source
+    source.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{DEMO_SOURCE}-", dir=source.parent))
+    try:
+        make_demo_source(tmp, model_cfg)
+        if source.exists():   # an incomplete one from an interrupted demo
+            shutil.rmtree(source)
+        tmp.rename(source)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return source
+
+
+def demo_overrides(workdir: Path, overrides=(), url: str | None = None) -> list[str]:
+    """The lifecycle overrides of a demo run: recipe=demo in `workdir`, from the local demo
+    source, or from `url` (the loopback server of serve_directory) as a url source."""
+    via = ["source=url", f"source.url={url}"] if url else []
+    return ["recipe=demo", f"workdir={workdir}", *via, *overrides]
+
+
+def run_demo(workdir: Path, overrides: list[str] = (), from_stage: str | None = None,
+             http: bool = False) -> dict:
     from pipelines.lifecycle import lifecycle
 
-    overrides = ["recipe=demo", f"workdir={workdir}", *overrides]
-    model_cfg = load_config(overrides)["model"]
-    source = Path(workdir) / "demo-source"
-    if not (source / model_cfg["meta_dir"] / "checklist.chk").is_file():
-        make_demo_source(source, model_cfg)
+    source = ensure_demo_source(workdir)
+    if not http:
+        return lifecycle(overrides=demo_overrides(workdir, overrides), from_stage=from_stage)
     with serve_directory(source) as url:
         print(f"demo: serving the synthetic Meta checkpoint at {url}", flush=True)
-        return lifecycle(overrides=[*overrides, f"source.url={url}"], from_stage=from_stage)
+        return lifecycle(overrides=demo_overrides(workdir, overrides, url), from_stage=from_stage)

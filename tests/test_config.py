@@ -115,8 +115,8 @@ def _needs(recipe: str, shared) -> list[str]:
         return [f"model={model}", "source=hf", "source.repo_id=x/y", "source.revision=main",
                 f"pretrain.data=[{shared / 'corpora'}]",
                 f"sft.data=[{shared / 'instructions' / 'alpaca_zh_demo.json'}]"]
-    if recipe == "demo":   # `llamaflow demo` passes its loopback URL (never contacted here)
-        return ["source.url=http://127.0.0.1:9/"]
+    if recipe == "demo":   # as `llamaflow demo --http` runs it (the URL is never contacted here)
+        return ["source=url", "source.url=http://127.0.0.1:9/"]
     return []
 
 

@@ -148,7 +148,8 @@ def test_a_failed_stage_leaves_nothing_that_looks_finished(tmp_path, prefect_har
     from pipelines.lifecycle import lifecycle
 
     with pytest.raises(Exception, match="127.0.0.1:9"):
-        lifecycle(overrides=["recipe=demo", f"workdir={tmp_path}", "source.url=http://127.0.0.1:9/",
+        lifecycle(overrides=["recipe=demo", f"workdir={tmp_path}", "source=url",
+                             "source.url=http://127.0.0.1:9/",
                              "stages=[download]", "download.retries=0", "retries.download=0"])
     # no artifact and no temp dir; only the (free) key lock
     assert [p.name for p in (tmp_path / "artifacts" / "download").iterdir()] == [".locks"]
@@ -168,7 +169,7 @@ def test_a_presigned_url_reaches_neither_mlflow_nor_prefect(tmp_path, prefect_ha
     make_demo_source(tmp_path / "src", load_config(["recipe=demo"])["model"])
     with serve_directory(tmp_path / "src") as url:
         overrides = _hide_secrets(["recipe=demo", f"workdir={tmp_path / 'ws'}", "stages=[download]",
-                                   f"source.url={url}?X-Amz-Signature=TOPSECRET42"])
+                                   "source=url", f"source.url={url}?X-Amz-Signature=TOPSECRET42"])
         from pipelines.lifecycle import lifecycle
         result = lifecycle(overrides=overrides)
     assert result["stages"]["download"]["cache"] == "miss"
@@ -184,11 +185,10 @@ def test_a_presigned_url_reaches_neither_mlflow_nor_prefect(tmp_path, prefect_ha
 
 def test_multirun_gives_one_parent_run_per_combination_sharing_upstream(first, workdir, capsys):
     from pipelines.cli import main
-    from pipelines.demo import serve_directory
 
-    with serve_directory(workdir / "demo-source") as url:
-        assert main(["run", "-m", "recipe=demo", f"workdir={workdir}", f"source.url={url}",
-                     "stages=[download,convert]", "convert.dtype=float32,bfloat16"]) == 0
+    # recipe=demo reads the checkpoint the demo left in the workspace (conf/source/demo.yaml)
+    assert main(["run", "-m", "recipe=demo", f"workdir={workdir}",
+                 "stages=[download,convert]", "convert.dtype=float32,bfloat16"]) == 0
     out = capsys.readouterr().out
     assert out.count("== multirun") == 2
     client = _client(workdir)

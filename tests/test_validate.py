@@ -14,7 +14,7 @@ import pytest
 from pipelines.config import REPO, ConfigError, load_config
 from pipelines.validate import _upper_bound, check, plan
 
-DEMO = ["recipe=demo", "source.url=http://127.0.0.1:9/"]   # the URL is never contacted
+DEMO = ["recipe=demo", "source=url", "source.url=http://127.0.0.1:9/"]   # never contacted
 
 
 def _problems(overrides, **kw) -> str:

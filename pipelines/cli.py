@@ -219,11 +219,15 @@ def cmd_deploy(args, serve: bool) -> int:
     _prepare_environment(_workdir(args.overrides))
     from pipelines import deploy
 
+    print(f"llamaflow {'serve' if serve else 'deploy'}: "
+          f"{deploy.describe(deploy.load_deploy_config(args.overrides))}", flush=True)
     if serve:
         deploy.serve(names=args.names or None, overrides=args.overrides)
     else:
-        deploy.deploy(names=args.names or None, work_pool=args.work_pool, image=args.image,
-                      overrides=args.overrides)
+        ids = deploy.deploy(names=args.names or None, work_pool=args.work_pool, image=args.image,
+                            overrides=args.overrides)
+        print(f"llamaflow deploy: {len(ids)} deployment(s) created or updated; start a worker "
+              "with `prefect worker start --pool cpu` (and --pool gpu)", flush=True)
     return 0
 
 

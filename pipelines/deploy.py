@@ -10,6 +10,13 @@ nightly re-evaluation is `overrides=["stages=[evaluate]", "force=[evaluate]"]`, 
 `from_stage="pretrain"`. Both parameters are plain JSON (a list of Hydra override strings, a
 stage name), so the Prefect UI shows them as a form and every run can change them.
 
+Every flow run works in one persistent workspace: `workdir` in conf/deploy/default.yaml, made
+absolute when `deploy`/`serve` runs and passed to each flow run as LLAMAFLOW_WORKDIR (work-pool
+deployments: their job variables `env`; serve: this process's environment, which its flow-run
+processes inherit), together with MLFLOW_TRACKING_URI and LLAMAFLOW_REMOTE when they are set.
+Each deployment's `overrides` start with `base_overrides` (the demo recipe, shipped), so the
+deployments run as shipped in a workspace `llamaflow demo` made.
+
 GPU use is bounded twice: the gpu pool's concurrency limit (flow runs at once in the pool) and a
 tag concurrency limit on "gpu" (task runs at once across all flow runs; pipelines/runner.py tags
 the pretrain, sft and evaluate tasks with it).
@@ -17,12 +24,16 @@ the pretrain, sft and evaluate tasks with it).
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pipelines.config import load_config
 
 DEPLOY_CONFIG = "deploy/default"
 _DEPLOYMENT_KEYS = {"description", "pool", "cron", "timezone", "overrides", "from_stage", "tags"}
+# Variables of the deploying shell that every flow run gets too: where it tracks and shares.
+RUN_ENV_PASSED = ("MLFLOW_TRACKING_URI", "LLAMAFLOW_REMOTE")
 
 
 def load_deploy_config(overrides: list[str] | tuple[str, ...] = ()) -> dict:
@@ -39,6 +50,13 @@ def _check(cfg: dict) -> None:
     from pipelines.runner import STAGES
 
     pools = cfg.get("pools") or {}
+    if not isinstance(cfg.get("workdir"), str) or not cfg["workdir"]:
+        raise ValueError("conf/deploy/default.yaml: workdir must be a path (the workspace every "
+                         "deployment run uses)")
+    base = cfg.get("base_overrides") or []
+    if not isinstance(base, list) or not all(isinstance(o, str) for o in base):
+        raise ValueError("conf/deploy/default.yaml: base_overrides must be a list of Hydra "
+                         "override strings")
     for name, d in (cfg.get("deployments") or {}).items():
         where = f"conf/deploy/default.yaml: deployments.{name}"
         unknown = set(d) - _DEPLOYMENT_KEYS
@@ -76,16 +94,47 @@ def _selected(cfg: dict, names: list[str] | None) -> dict[str, dict]:
     return {n: all_[n] for n in names}
 
 
-def parameters(d: dict) -> dict:
-    """The flow-run parameters a deployment starts with (editable per run in the UI)."""
-    return {"overrides": list(d.get("overrides") or []), "from_stage": d.get("from_stage")}
+def parameters(d: dict, cfg: dict | None = None) -> dict:
+    """The flow-run parameters a deployment starts with (editable per run in the UI): the
+    config's base_overrides, then the deployment's own overrides."""
+    base = list((cfg or {}).get("base_overrides") or [])
+    return {"overrides": base + list(d.get("overrides") or []), "from_stage": d.get("from_stage")}
+
+
+def workspace(cfg: dict) -> Path:
+    """The absolute workspace of every flow run (resolved here, where deploy/serve runs)."""
+    return Path(cfg["workdir"]).expanduser().resolve()
+
+
+def run_env(cfg: dict) -> dict[str, str]:
+    """The environment every flow run of these deployments gets: LLAMAFLOW_WORKDIR, and
+    MLFLOW_TRACKING_URI / LLAMAFLOW_REMOTE as set here. A tracking URI holding a password is
+    not copied into the deployment (the worker must have it in its own environment)."""
+    env = {"LLAMAFLOW_WORKDIR": str(workspace(cfg))}
+    for var in RUN_ENV_PASSED:
+        value = os.environ.get(var)
+        if value and "@" not in urlsplit(value).netloc:
+            env[var] = value
+    return env
+
+
+def describe(cfg: dict) -> str:
+    """Where the flow runs of these deployments will work and track (printed by the CLI)."""
+    env = run_env(cfg)
+    tracking = env.get("MLFLOW_TRACKING_URI") or os.environ.get("MLFLOW_TRACKING_URI") or \
+        f"sqlite:///{workspace(cfg) / 'mlflow.db'}"
+    if "@" in urlsplit(tracking).netloc:
+        tracking = "MLFLOW_TRACKING_URI of the worker (it holds credentials: not copied)"
+    return (f"flow runs use workspace {env['LLAMAFLOW_WORKDIR']} (LLAMAFLOW_WORKDIR), MLflow "
+            f"{tracking}, Prefect {os.environ.get('PREFECT_API_URL') or 'ephemeral (no PREFECT_API_URL)'}; "
+            f"every run's overrides start with {cfg.get('base_overrides') or []}")
 
 
 def deployments(cfg: dict, names: list[str] | None = None, *, for_work_pools: bool = False) -> list:
     """RunnerDeployments of the lifecycle flow, one per entry of cfg["deployments"] (or `names`).
 
-    for_work_pools=True addresses the flow by module path and sets each deployment's work pool
-    (for `deploy`); otherwise they are for `serve` (this process runs them)."""
+    for_work_pools=True sets each deployment's work pool and the flow runs' environment (for
+    `deploy`); otherwise they are for `serve` (this process runs them, in its environment)."""
     from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Cron
 
@@ -94,13 +143,18 @@ def deployments(cfg: dict, names: list[str] | None = None, *, for_work_pools: bo
     out = []
     for name, d in _selected(cfg, names).items():
         kwargs = dict(name=name, description=d.get("description"), tags=list(d.get("tags") or []),
-                      parameters=parameters(d))
+                      parameters=parameters(d, cfg))
         if d.get("cron"):
             kwargs["schedules"] = [Cron(d["cron"], timezone=d.get("timezone") or "UTC")]
+        # Module path, not file path, for both: workers import the installed package (infra/docker
+        # images), so a work-pool deployment needs neither code storage nor a built image; and a
+        # served flow run loads the flow the same way from any directory. (A file-path
+        # entrypoint is relative to the serving directory and needs the deployment's `path`,
+        # which a deployment first made by `deploy` keeps at null: the served run then crashed
+        # copying its code from `<cwd>/None`.)
+        kwargs["entrypoint_type"] = EntrypointType.MODULE_PATH
         if for_work_pools:
-            # Module path, not file path: workers import the installed package (infra/docker
-            # images), so a work-pool deployment needs neither code storage nor a built image.
-            kwargs.update(work_pool_name=d["pool"], entrypoint_type=EntrypointType.MODULE_PATH)
+            kwargs.update(work_pool_name=d["pool"], job_variables={"env": run_env(cfg)})
         out.append(lifecycle.to_deployment(**kwargs))
     return out
 
@@ -172,6 +226,8 @@ def serve(names: list[str] | None = None, overrides: list[str] | tuple[str, ...]
     from prefect.client.orchestration import get_client
 
     cfg = load_deploy_config(overrides)
+    # The flow-run processes this runner starts inherit its environment.
+    os.environ.update(run_env(cfg))
     with get_client(sync_client=True) as client:
         for tag, limit in (cfg.get("task_concurrency") or {}).items():
             client.create_concurrency_limit(tag=tag, concurrency_limit=int(limit))

@@ -28,12 +28,41 @@ def test_deploy_config_defaults():
     assert d["nightly-evaluate"]["cron"] == "0 2 * * *"
     assert parameters(d["nightly-evaluate"]) == {
         "overrides": ["stages=[evaluate]", "force=[evaluate]"], "from_stage": None}
-    assert parameters(d["weekly-retrain"]) == {"overrides": [], "from_stage": "pretrain"}
+    # as shipped every deployment starts from the demo recipe (runnable after `make demo`)
+    assert parameters(d["nightly-evaluate"], cfg) == {
+        "overrides": ["recipe=demo", "stages=[evaluate]", "force=[evaluate]"], "from_stage": None}
+    assert parameters(d["weekly-retrain"], cfg) == {"overrides": ["recipe=demo"],
+                                                    "from_stage": "pretrain"}
     assert cfg["pools"]["gpu"]["concurrency"] == 1 and cfg["task_concurrency"] == {"gpu": 1}
     # overrides use Hydra syntax, like the lifecycle's
     cfg = load_deploy_config(["pools.gpu.concurrency=3", "deployments.nightly-evaluate.cron=30 1 * * *"])
     assert cfg["pools"]["gpu"]["concurrency"] == 3
     assert cfg["deployments"]["nightly-evaluate"]["cron"] == "30 1 * * *"
+
+
+def test_deploy_workspace_is_made_absolute_and_passed_with_the_tracking_uri(tmp_path, monkeypatch):
+    """A process worker starts each flow run in a temporary directory it deletes afterwards:
+    the workspace is resolved where `deploy` runs and goes to the runs as LLAMAFLOW_WORKDIR,
+    with the deploying shell's MLFLOW_TRACKING_URI (never one holding a password)."""
+    from pipelines.deploy import describe, load_deploy_config, run_env
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LLAMAFLOW_WORKDIR", raising=False)
+    monkeypatch.delenv("LLAMAFLOW_REMOTE", raising=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    cfg = load_deploy_config()
+    assert run_env(cfg) == {"LLAMAFLOW_WORKDIR": str(tmp_path / "workspace"),
+                            "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}
+    assert f"workspace {tmp_path / 'workspace'}" in describe(cfg)
+    monkeypatch.setenv("LLAMAFLOW_WORKDIR", "runs/ws")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://user:secret@mlflow.example")
+    env = run_env(load_deploy_config())
+    assert env == {"LLAMAFLOW_WORKDIR": str(tmp_path / "runs" / "ws")}
+    assert "secret" not in describe(load_deploy_config())
+    cfg = load_deploy_config(["workdir=/data/llamaflow",
+                              'base_overrides=["recipe=stories260k"]'])
+    assert run_env(cfg)["LLAMAFLOW_WORKDIR"] == "/data/llamaflow"
+    assert cfg["base_overrides"] == ["recipe=stories260k"]
 
 
 @pytest.mark.parametrize("override, message", [
@@ -52,7 +81,7 @@ def test_deploy_config_errors_name_the_field(override, message):
 def test_deployments_carry_schedule_parameters_and_pool():
     from prefect.deployments.runner import EntrypointType
 
-    from pipelines.deploy import deployments, load_deploy_config
+    from pipelines.deploy import deployments, load_deploy_config, workspace
 
     cfg = load_deploy_config()
     served = {d.name: d for d in deployments(cfg)}
@@ -60,9 +89,10 @@ def test_deployments_carry_schedule_parameters_and_pool():
     nightly = served["nightly-evaluate"]
     assert [s.schedule.cron for s in nightly.schedules] == ["0 2 * * *"]
     assert nightly.schedules[0].schedule.timezone == "UTC"
-    assert nightly.parameters == {"overrides": ["stages=[evaluate]", "force=[evaluate]"],
-                                  "from_stage": None}
+    assert nightly.parameters == {"overrides": ["recipe=demo", "stages=[evaluate]",
+                                                "force=[evaluate]"], "from_stage": None}
     assert served["lifecycle"].schedules == []
+    assert nightly.entrypoint == "pipelines.lifecycle.lifecycle"
     # the UI form: both parameters are in the flow's schema, typed
     props = nightly._parameter_openapi_schema.properties
     assert set(props) == {"overrides", "from_stage"}
@@ -72,6 +102,9 @@ def test_deployments_carry_schedule_parameters_and_pool():
     assert pooled["weekly-retrain"].work_pool_name == "gpu"
     assert pooled["weekly-retrain"].entrypoint == "pipelines.lifecycle.lifecycle"
     assert pooled["weekly-retrain"].entrypoint_type == EntrypointType.MODULE_PATH
+    # work-pool runs get the workspace, absolute, in their environment (served runs inherit it)
+    assert pooled["requantize"].job_variables == {"env": {"LLAMAFLOW_WORKDIR": str(workspace(cfg))}}
+    assert workspace(cfg).is_absolute()
     with pytest.raises(ValueError, match="unknown deployment"):
         deployments(cfg, ["hourly"])
 
@@ -197,8 +230,8 @@ def test_deploy_creates_pools_limits_and_scheduled_deployments(demo):
     nightly = deps["nightly-evaluate"]
     assert [sch["schedule"]["cron"] for sch in nightly["schedules"]] == ["0 2 * * *"]
     assert nightly["work_pool_name"] == "gpu" and deps["requantize"]["work_pool_name"] == "cpu"
-    assert nightly["parameters"] == {"overrides": ["stages=[evaluate]", "force=[evaluate]"],
-                                     "from_stage": None}
+    assert nightly["parameters"] == {"overrides": ["recipe=demo", "stages=[evaluate]",
+                                                   "force=[evaluate]"], "from_stage": None}
     assert nightly["entrypoint"] == "pipelines.lifecycle.lifecycle"
     assert set(nightly["parameter_openapi_schema"]["properties"]) == {"overrides", "from_stage"}
     # the scheduler service fills in upcoming runs of the scheduled deployment
@@ -229,9 +262,10 @@ def test_serve_registers_deployment_and_stops_on_sigterm(demo, tmp_path):
         while time.monotonic() < deadline and proc.poll() is None:
             deps = s.prefect.api("POST", "deployments/filter", json={
                 "deployments": {"name": {"any_": ["nightly-evaluate"]}}})
-            # served: addressed by file path (not the module path `deploy` uses), not paused,
-            # and READY (the runner polls for it; from then on its SIGTERM handler is set)
-            served = [d for d in deps if d["entrypoint"] == "pipelines/lifecycle.py:lifecycle"
+            # served: by module path as `deploy` does it (a file path crashed served runs of a
+            # deployment `deploy` made first), not paused, and READY (its runner polls for it,
+            # no worker runs the gpu pool here; from then on its SIGTERM handler is set)
+            served = [d for d in deps if d["entrypoint"] == "pipelines.lifecycle.lifecycle"
                       and not d["paused"] and d["status"] == "READY"]
             if served:
                 dep = served[0]
@@ -239,7 +273,8 @@ def test_serve_registers_deployment_and_stops_on_sigterm(demo, tmp_path):
             time.sleep(1)
         assert dep is not None, log.read_text()[-3000:]
         assert [sch["schedule"]["cron"] for sch in dep["schedules"]] == ["0 2 * * *"]
-        assert dep["parameters"]["overrides"] == ["stages=[evaluate]", "force=[evaluate]"]
+        assert dep["parameters"]["overrides"] == ["recipe=demo", "stages=[evaluate]",
+                                                  "force=[evaluate]"]
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:

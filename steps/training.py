@@ -828,7 +828,16 @@ def dataset_dir(data_cache_dir: Path | None, key: str):
 
 
 def save_splits(splits: dict, dest: Path, meta: dict) -> None:
-    """save_to_disk each split into dest/<name>/ atomically (a killed prep leaves no half cache)."""
+    """save_to_disk each split into dest/<name>/ atomically (a killed prep leaves no half cache).
+
+    Two runs training on the same data (say pretrain with r 8 and r 16) share this cache key and
+    may prepare it at once: the first complete copy stays, since the other run may be reading it
+    already, and a later copy (the same data by construction of the key) is dropped. Temp dirs
+    of processes that no longer exist are removed."""
+    for old in dest.parent.glob(dest.name + ".tmp-*"):
+        pid = old.name.rpartition("-")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
     tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -837,8 +846,26 @@ def save_splits(splits: dict, dest: Path, meta: dict) -> None:
             ds.save_to_disk(str(tmp / name))
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
     (tmp / "COMPLETE").write_text("ok")
-    shutil.rmtree(dest, ignore_errors=True)
-    tmp.rename(dest)
+    if (dest / "COMPLETE").is_file():
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    shutil.rmtree(dest, ignore_errors=True)  # an incomplete leftover of a killed prep
+    try:
+        tmp.rename(dest)
+    except OSError:  # another run renamed its copy in between
+        if not (dest / "COMPLETE").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def execute(module: str, worker: Callable, cfg: TrainConfig, out_dir: Path, *,

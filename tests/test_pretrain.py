@@ -209,3 +209,20 @@ def test_gradient_checkpointing_gives_the_same_adapter(tiny_hf_model, tmp_path):
     b = load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     assert any("lora_B" in k and (a[k] != 0).any() for k in a)
+
+
+def test_data_cache_keeps_the_first_complete_copy_and_clears_dead_temps(tmp_path):
+    """Two runs on the same data share its cache key: a copy made while another run may be
+    reading the first is dropped, not swapped in under the reader; a killed prep's temp dir goes."""
+    from datasets import Dataset
+
+    from steps.training import save_splits
+
+    dest = tmp_path / "pt-key"
+    save_splits({"train": Dataset.from_dict({"input_ids": [[1, 2, 3]]})}, dest, {"n": 1})
+    first = (dest / "train").stat().st_ino
+    dead = tmp_path / "pt-key.tmp-4194302"          # beyond the default pid_max: never alive
+    dead.mkdir()
+    save_splits({"train": Dataset.from_dict({"input_ids": [[1, 2, 3]]})}, dest, {"n": 1})
+    assert (dest / "train").stat().st_ino == first and (dest / "COMPLETE").is_file()
+    assert not dead.exists() and not list(tmp_path.glob("pt-key.tmp-*"))

@@ -185,7 +185,9 @@ class Config(BaseModel):
 DATA_FIELDS = ("source.bin_path", "source.tokenizer_model")
 # A local source is keyed by what it holds (public_config), not by hashing its whole folder: a
 # Meta download root holds every model size, hundreds of GB.
-CACHE_EXCLUDE = ("workers", "retries")  # how fast, not what
+# How fast, not what; and where a local source lies: it is keyed by what it holds (its
+# `content` digest), so the same checkpoint in two folders or workspaces gives one key.
+CACHE_EXCLUDE = ("workers", "retries", "source.path", "source.hardlink")
 
 
 def public_config(config: Config) -> dict:

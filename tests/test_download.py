@@ -481,3 +481,30 @@ def test_unset_mandatory_value_is_a_clear_error():
         dl.Config(source={"kind": "local", "path": "???"})
     with pytest.raises(ValueError, match="url_env"):
         dl.Config(source={"kind": "url", "n_shards": 1})
+
+
+def test_a_local_source_is_keyed_by_what_it_holds(meta_root, tmp_path):
+    """The same checkpoint in two folders (two workspaces' demo sources) gives one download key,
+    so everything downstream is shared; other content gives another key."""
+    from types import SimpleNamespace
+
+    from pipelines.artifacts import HashCache, cache_key
+    from pipelines.runner import _step_config
+
+    def key(root: Path) -> str:
+        cfg = {"download": {"workers": 4, "retries": 3, "verify": True},
+               "source": {"kind": "local", "path": str(root), "model_dir": "7B", "hardlink": False}}
+        run = SimpleNamespace(cfg=cfg, hashes=HashCache(tmp_path / "hashes.json"))
+        module, _, key_cfg, data = _step_config(run, "download", {})
+        assert str(root) not in json.dumps(key_cfg)
+        return cache_key("download", module.VERSION, key_cfg, {"artifacts": {}, "data": data})
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(meta_root, a)
+    shutil.copytree(meta_root, b)
+    assert key(a) == key(b)
+    (b / "7B" / "params.json").write_text('{"dim": 1}')
+    chk = b / "7B" / "checklist.chk"
+    chk.write_text(chk.read_text().replace(md5((meta_root / "7B" / "params.json").read_bytes()),
+                                           md5(b'{"dim": 1}')))
+    assert key(a) != key(b)

@@ -23,6 +23,7 @@ _logging.getLogger("steps").setLevel(_logging.INFO)
 # start and stop, transformers draws a bar for loading a few tensors (the stages have their own
 # progress), peft calls a transformers method deprecated in 5.x on every LoRA wrap.
 _logging.getLogger("mlflow.system_metrics").setLevel(_logging.WARNING)
+_logging.getLogger("mlflow.store.db.utils").setLevel(_logging.WARNING)  # "Creating tables..."
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import warnings as _warnings

@@ -92,21 +92,28 @@ def _run(overrides: list[str], from_stage: str | None, multirun: bool) -> int:
     # Every run's config, every stage, before Prefect starts (the flow checks again: deployments)
     workdirs = [Path(check(ov, from_stage)[0]["workdir"]).expanduser().resolve() for ov in runs]
     _prepare_environment(workdirs[0] if workdirs else _workdir(overrides))
+    from pipelines.console import error_line, quiet_engine_tracebacks, summary
     from pipelines.lifecycle import lifecycle
 
-    results = []
+    quiet_engine_tracebacks()
+    outcomes = []   # (title, result or the exception): every member is reported, failed or not
     for i, ov in enumerate(runs):
-        if len(runs) > 1:
-            print(f"== multirun {i + 1}/{len(runs)}: {' '.join(ov)}", flush=True)
+        title = f"multirun {i + 1}/{len(runs)}: {' '.join(ov)}" if len(runs) > 1 else None
+        if title:
+            print(f"== {title}", flush=True)
         try:
-            results.append(lifecycle(overrides=ov, from_stage=from_stage))
-        except RuntimeError as e:
-            if not _ephemeral_server_timed_out(e):
-                raise
-            return 2
-    for r in results:
-        _print_result(r)
-    return 0
+            outcomes.append((title, lifecycle(overrides=ov, from_stage=from_stage)))
+        except Exception as e:
+            if _ephemeral_server_timed_out(e):
+                return 2
+            outcomes.append((title, e))
+    for title, outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            print(f"\n== {title}" if title else "", file=sys.stderr)
+            print(error_line(outcome), file=sys.stderr)
+        else:
+            print(summary(outcome, title), flush=True)
+    return 1 if any(isinstance(o, BaseException) for _, o in outcomes) else 0
 
 
 def _ephemeral_server_timed_out(e: BaseException) -> bool:
@@ -123,12 +130,6 @@ def _ephemeral_server_timed_out(e: BaseException) -> bool:
           "server for all runs (`prefect server start`) and set PREFECT_API_URL="
           "http://127.0.0.1:4200/api.", file=sys.stderr)
     return True
-
-
-def _print_result(result: dict) -> None:
-    print(f"\nMLflow parent run {result['mlflow_parent_run_id']}; outputs in {result['workdir']}")
-    for label, r in result["stages"].items():
-        print(f"  {label:22s} {r['cache']:4s} {r['seconds']:8.1f}s  {r['artifact']}")
 
 
 def cmd_demo(args) -> int:
@@ -154,9 +155,7 @@ def cmd_demo(args) -> int:
     if rc:
         return rc
     here = "" if _workdir([]) == workdir else f"LLAMAFLOW_WORKDIR={workdir} "
-    print(f"\nlatest.json: {workdir / 'latest.json'}")
-    print(f"MLflow UI:   {here}llamaflow ui   (then open http://127.0.0.1:5000)")
-    print(f"Next:        {here}llamaflow run recipe=demo pretrain.lora.r=16   (README: Using it)")
+    print(f"Next:      {here}llamaflow run recipe=demo pretrain.lora.r=16   (README: Using it)")
     return 0
 
 
@@ -289,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "verify":
             return cmd_verify(args)
         return cmd_deploy(args, serve=args.cmd == "serve")
+    except KeyboardInterrupt:  # the stage's MLflow runs are KILLED, its checkpoints kept
+        print("\nllamaflow: interrupted; rerun the same command to resume (finished stages are "
+              "cache hits, training restarts from its last checkpoint)", file=sys.stderr)
+        return 130
     except ConfigError as e:  # every problem at once, with its key and fix; nothing ran
         print(f"llamaflow: {e}", file=sys.stderr)
         if any(p.key == "source.path" and str(p.value).rstrip("/").endswith("/demo-source")

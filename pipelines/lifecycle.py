@@ -100,7 +100,16 @@ def lifecycle(overrides: list[str] | None = None, from_stage: str | None = None)
         raise
     _wrap_up(run, tracker, parent, log, everything=False)
     tracker.end_run(parent, "FINISHED")
-    return {"mlflow_parent_run_id": parent, "workdir": str(workdir), "stages": run.results}
+    report = Path(run.results["report"]["artifact"]) if "report" in run.results else None
+    gates = report / "gates.json" if report is not None else None
+    return {"mlflow_parent_run_id": parent, "workdir": str(workdir), "stages": run.results,
+            "mlflow_run_url": tracker.run_url(parent), "mlflow_uri": tracker.uri,
+            # without a Prefect UI (the temporary server) Prefect builds "None/flow-runs/..."
+            "prefect_flow_run_url": url if (url := runtime.flow_run.ui_url or "").startswith(
+                "http") else None,
+            "report": str(report / "report.md") if report is not None else None,
+            "gates": json.loads(gates.read_text()) if gates is not None and gates.is_file()
+            else None}
 
 
 def _wrap_up(run: LifecycleRun, tracker: Tracker, parent: str, log, everything: bool) -> None:

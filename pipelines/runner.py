@@ -36,9 +36,13 @@ class StageNotCached(RuntimeError):
 
 
 def _worth_a_retry(task, task_run, state) -> bool:
-    """Prefect's retry condition: a config problem or an uncached stage that is not selected
-    fails the same way every time; only other errors (a dropped connection...) are retried."""
-    return not isinstance(getattr(state, "data", None), (ConfigError, StageNotCached))
+    """Prefect's retry condition: a config problem, an uncached stage that is not selected or a
+    file that is not what its format says (verified bytes, read again, fail again) fails the same
+    way every time; only other errors (a dropped connection...) are retried."""
+    from steps.meta import MetaFormatError
+
+    return not isinstance(getattr(state, "data", None),
+                          (ConfigError, StageNotCached, MetaFormatError))
 
 
 def _logger() -> logging.Logger:
@@ -232,6 +236,11 @@ def _run_stage_locked(run: LifecycleRun, log, module, config, key_cfg: dict, dat
         if tmp is not None:  # first: on a full disk this is what frees the space to record it
             shutil.rmtree(tmp, ignore_errors=True)
         end_failed(run.tracker, run_id, e, log)
+        if not hasattr(e, "llamaflow_stage"):  # for the one error line the command prints
+            try:
+                e.llamaflow_stage = label
+            except AttributeError:  # an exception type with __slots__
+                pass
         raise
     run.tracker.end_run(run_id)
     run.results[label] = {"stage": name, "artifact": str(artifact.path), "key": key,

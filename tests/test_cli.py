@@ -45,3 +45,55 @@ def test_ephemeral_server_timeout_says_what_to_set(tmp_path):
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "ws" / "artifacts").exists()
     assert time.time() - t0 < 200
+
+
+def test_summary_names_the_report_the_gates_and_every_stage_outcome(tmp_path):
+    from pipelines.console import summary
+
+    ws = tmp_path / "ws"
+    result = {
+        "workdir": str(ws), "mlflow_parent_run_id": "abc123", "mlflow_uri": "sqlite:///x.db",
+        "mlflow_run_url": "http://127.0.0.1:5000/#/experiments/1/runs/abc123",
+        "prefect_flow_run_url": None, "report": str(ws / "artifacts/report/k/report.md"),
+        "stages": {
+            "download": {"cache": "hit", "seconds": 0.1, "artifact": str(ws / "artifacts/download/k1")},
+            "merge": {"cache": "forced", "seconds": 2.0, "artifact": str(ws / "artifacts/merge/k2")},
+            "quantize[q4_0]": {"cache": "hit-remote", "seconds": 0.3,
+                               "artifact": str(ws / "artifacts/quantize/k3")},
+            "report": {"cache": "miss", "seconds": 0.5, "artifact": str(ws / "artifacts/report/k")}},
+        "gates": {"passed": False, "checks": [
+            {"gate": "q4_0", "model": "gguf-q4_0", "vs": "gguf-f16", "set": "tinystories",
+             "metric": "ppl", "delta_pct": 18.17, "max_delta_pct": 5.0, "passed": False}]}}
+    text = summary(result, "multirun 2/3: pretrain.lora.r=16")
+    assert "== multirun 2/3: pretrain.lora.r=16" in text
+    assert "  merge                  forced" in text and "hit-remote" in text
+    assert "artifacts/merge/k2" in text and str(ws / "artifacts") not in text.split("report:")[0]
+    assert "1 forced, 1 hit, 1 hit-remote, 1 miss" in text
+    assert f"report:    {ws}/artifacts/report/k/report.md" in text
+    assert "gates:     FAILED: gguf-q4_0 on tinystories: ppl +18.2 % vs gguf-f16 (limit +5 %)" in text
+    assert f"llamaflow ui --workdir {ws}" in text and "PREFECT_API_URL" in text
+    result["gates"] = {"passed": True, "checks": [{"passed": True}]}
+    assert "gates:     passed (1 checked)" in summary(result)
+
+
+def test_a_failed_member_is_reported_once_and_the_others_still_are(tmp_path):
+    """-m with one good and one broken member: both get their labelled section, the failure is
+    one line naming the stage (no traceback anywhere on the console), the exit status is 1, and
+    a file that is not a llama2.c export is not retried."""
+    garbage = tmp_path / "garbage.bin"
+    garbage.write_bytes(bytes(range(256)) * 8)
+    good = REPO.parent / "shared" / "data" / "models" / "stories260K" / "stories260K.bin"
+    if not good.is_file():
+        import pytest
+
+        pytest.skip(f"{good} not found (../shared/data)")
+    r = _llamaflow(["run", "-m", "recipe=stories260k", "stages=[download]",
+                    f"source.bin_path={good},{garbage}", f"workdir={tmp_path / 'ws'}"], {}, tmp_path)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out[-3000:]
+    assert "Traceback" not in out
+    assert "== multirun 1/2" in r.stdout and "  download               miss" in r.stdout
+    assert "llamaflow: the run failed at stage download: MetaFormatError:" in r.stderr
+    assert "== multirun 2/2" in r.stderr
+    # one attempt per member: a retry would start the download task a third time
+    assert out.count("cache miss, running") == 2 and "Retries" not in out

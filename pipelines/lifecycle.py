@@ -143,9 +143,12 @@ def _clear_what_dead_runs_left(run: LifecycleRun, log) -> None:
             log.warning("%s", line)
     except Exception as e:
         log.warning("could not check for Prefect flow runs left RUNNING by dead processes: %s", e)
-    for tmp in run.store.stale_tmps():
-        shutil.rmtree(tmp, ignore_errors=True)
-        log.warning("removed %s, left by a run that ended before finishing that stage", tmp)
+    try:
+        for tmp in run.store.stale_tmps():
+            shutil.rmtree(tmp, ignore_errors=True)
+            log.warning("removed %s, left by a run that ended before finishing that stage", tmp)
+    except Exception as e:  # e.g. a lock file this user may not open in a shared workspace
+        log.warning("could not check for temp dirs left by dead runs: %s", e)
 
 
 def _tag_flow_run_with_owner() -> None:

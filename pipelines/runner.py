@@ -171,7 +171,9 @@ def _run_stage_locked(run: LifecycleRun, log, module, config, key_cfg: dict, dat
     cache = "forced" if forced else "hit" if hit else "miss"
     if hit is None and not forced and run.remote is not None and \
             run.remote.fetch(name, key, run.store.final_dir(name, key)):
-        hit, cache = run.store.lookup(name, key, warn=log.warning), "hit-remote"
+        hit = run.store.lookup(name, key, warn=log.warning)
+        # A fetched copy that fails the local check is computed here like any miss (and pushed)
+        cache = "hit-remote" if hit is not None else "miss"
     if hit is None and not selected:
         raise StageNotCached(
             f"stage `{label}` is not selected (stages/--from) and has no cached artifact for this "

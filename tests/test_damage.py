@@ -63,6 +63,51 @@ def test_a_damaged_hit_is_recomputed_and_force_replaces_what_the_stat_cannot_see
     assert not [p for p in convert_dir.parent.iterdir() if p.name.startswith(".tmp-")]
 
 
+def test_a_fetched_copy_that_fails_the_local_check_is_a_miss_and_is_pushed(
+        tmp_path, prefect_harness, shared_data, monkeypatch):
+    """The bucket hands over a copy, the lookup then finds it damaged: the stage is computed
+    here, so it is a miss (not hit-remote) and its artifact goes to the bucket."""
+    import shutil
+
+    from pipelines import runner
+    from pipelines.lifecycle import lifecycle
+
+    ws = tmp_path / "ws"
+    overrides = ["recipe=stories260k", f"workdir={ws}", "stages=[download,convert]"]
+    first = lifecycle(overrides=overrides)
+    convert_dir = Path(first["stages"]["convert"]["artifact"])
+    in_bucket = tmp_path / "bucket-copy"
+    shutil.move(convert_dir, in_bucket)                  # a local miss for convert
+    pushed, fetched = [], []
+
+    class Bucket:
+        url = "s3://fake/shared"
+
+        def __init__(self, url):
+            pass
+
+        def fetch(self, stage, key, local_final_dir):
+            fetched.append(stage)
+            shutil.copytree(in_bucket, local_final_dir)
+            with open(local_final_dir / "model.safetensors", "r+b") as f:
+                f.truncate(10)                           # what the local check must catch
+            return True
+
+        def push(self, artifact):
+            pushed.append(artifact.stage)
+            return True
+
+    monkeypatch.setattr(runner, "RemoteStore", Bucket)
+    second = lifecycle(overrides=[*overrides, f"storage.remote={Bucket.url}"])
+    assert fetched == ["convert"]
+    assert {k: r["cache"] for k, r in second["stages"].items()} == \
+        {"download": "hit", "convert": "miss"}
+    assert "convert" in pushed
+    assert second["stages"]["convert"]["digest"] == first["stages"]["convert"]["digest"]
+    run = _runs(ws)[second["stages"]["convert"]["mlflow_run_id"]]
+    assert run.data.tags["llamaflow.cache"] == "miss"
+
+
 def test_a_full_disk_still_ends_the_runs_failed(tmp_path, prefect_harness, shared_data,
                                                 monkeypatch):
     """The disk fills during convert: the step fails, and then so does every write that would

@@ -76,7 +76,15 @@ class Artifact:
 
 class HashCache:
     """sha256 of user data files, remembered by (path, size, mtime) so a multi-GB corpus is hashed
-    once per change, not once per run."""
+    once per change, not once per run.
+
+    A file's mtime only moves in the file system's clock ticks (milliseconds on older kernels,
+    seconds on some file systems), so a write in the same tick as the hash leaves the stamp as it
+    was. Each entry therefore also records when the file was hashed, and a stamp is trusted only
+    for a file whose mtime is more than RACY_NS before that: a file changed within the last tick
+    before it was hashed (or after) is hashed again, until its mtime is old enough to be sure."""
+
+    RACY_NS = 2_000_000_000  # more than any file system's tick, and than its clock's lag
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -93,22 +101,29 @@ class HashCache:
         st = p.stat()
         return [st.st_size, st.st_mtime_ns]
 
+    def _trusted(self, entry: dict | None, stamp: list[int]) -> bool:
+        # An entry without a hash time (an older cache) cannot tell: hashed again, once.
+        return bool(entry) and entry["stamp"] == stamp and \
+            stamp[1] < entry.get("hashed", 0) - self.RACY_NS
+
     def file(self, p: Path) -> str:
         p = Path(p).resolve()
+        hashed = time.time_ns()  # before the stat: a write after it is after the hash began
         stamp = self._stamp(p)
-        hit = self._data.get(str(p))
-        if hit and hit["stamp"] == stamp:
-            return hit["sha256"]
+        entry = self._data.get(str(p))
+        if self._trusted(entry, stamp):
+            return entry["sha256"]
         digest = sha256_file(p)
-        self._data[str(p)] = {"stamp": stamp, "sha256": digest}
+        self._data[str(p)] = {"stamp": stamp, "sha256": digest, "hashed": hashed}
         self._save()
         return digest
 
-    def remember(self, digests: dict[Path, str]) -> None:
-        """Record digests just computed (an artifact's files at commit), one write for all."""
+    def remember(self, digests: dict[Path, str], hashed: int) -> None:
+        """Record digests just computed (an artifact's files at commit), one write for all;
+        `hashed` is time.time_ns() from before they were read."""
         for p, digest in digests.items():
             p = Path(p).resolve()
-            self._data[str(p)] = {"stamp": self._stamp(p), "sha256": digest}
+            self._data[str(p)] = {"stamp": self._stamp(p), "sha256": digest, "hashed": hashed}
         self._save()
 
     def any(self, p: Path) -> str:
@@ -136,8 +151,9 @@ class Store:
 
     `hashes` (the workspace's HashCache) makes the check on every cache hit a full sha256
     comparison that costs a stat per file: a file is re-hashed only when its size or mtime
-    differs from when it was last hashed (at commit, or at the last hit that re-hashed it), so a
-    flipped byte, which changes the mtime, is found, and an untouched 13 GB model is not read.
+    differs from when it was last hashed (at commit, or at the last hit that re-hashed it), or
+    when it was hashed within a clock tick of its last change (see HashCache), so a flipped byte,
+    which changes the mtime, is found, and an untouched 13 GB model is not read.
     Without `hashes` a hit checks sizes only; `verify` always re-reads every byte."""
 
     def __init__(self, root: Path, hashes: HashCache | None = None):
@@ -224,6 +240,7 @@ class Store:
         `replace` (a forced recomputation) puts the new dir in place of an existing one: the old
         one is renamed aside first and deleted after, so the key never names a mix of both."""
         files, digests = [], {}
+        hashed = time.time_ns()
         for f in sorted(p for p in tmp.rglob("*") if p.is_file()):
             rel = str(f.relative_to(tmp))
             if rel == MANIFEST:
@@ -255,7 +272,8 @@ class Store:
             shutil.rmtree(old, ignore_errors=True)
         if self.hashes is not None:  # the next hit then re-hashes only files changed since
             with contextlib.suppress(OSError):
-                self.hashes.remember({final / f.relative_to(tmp): d for f, d in digests.items()})
+                self.hashes.remember({final / f.relative_to(tmp): d for f, d in digests.items()},
+                                     hashed)
         return Artifact(stage=stage, path=final, key=key, digest=digest)
 
     def artifacts(self, stage: str | None = None) -> list[Artifact]:

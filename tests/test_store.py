@@ -9,7 +9,10 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
+
+import pytest
 
 from pipelines import artifacts, locks
 from pipelines.artifacts import HashCache, Store
@@ -17,20 +20,30 @@ from pipelines.artifacts import HashCache, Store
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _commit(store: Store, key: str, files: dict, **kw):
+HOUR_NS = 3600 * 10**9
+
+
+def _commit(store: Store, key: str, files: dict, *, written_ns: int | None = None, **kw):
+    """`written_ns`: the files' mtime, e.g. an hour back, so that the commit hashes them well
+    after their last change (not within a clock tick of it)."""
     tmp = store.new_tmp("merge", key)
     for rel, data in files.items():
         (tmp / rel).write_bytes(data)
+        if written_ns is not None:
+            os.utime(tmp / rel, ns=(written_ns, written_ns))
     return store.commit(tmp, "merge", key, version="1", config={}, inputs={}, metrics={}, **kw)
 
 
 def _flip_byte(path: Path, keep_mtime: bool = False) -> None:
+    """Same size, one byte differs. The mtime is set, not left to the clock: a later one (a change
+    the stat sees, whatever the file system's tick), or with `keep_mtime` the old one (a change
+    within one tick, or one made behind the stat's back)."""
     st = path.stat()
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    if keep_mtime:  # a change the stat cannot see: only a full re-hash (verify) finds it
-        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    mtime = st.st_mtime_ns if keep_mtime else st.st_mtime_ns + 10**9
+    os.utime(path, ns=(st.st_atime_ns, mtime))
 
 
 def test_a_forced_commit_replaces_the_artifact_and_leaves_nothing_aside(tmp_path):
@@ -51,11 +64,17 @@ def test_an_unforced_commit_onto_an_existing_artifact_keeps_the_first(tmp_path):
     assert second.digest == first.digest and (first.path / "a.bin").read_bytes() == b"1"
 
 
-def test_a_hit_with_a_changed_byte_is_a_miss_naming_the_file(tmp_path):
+@pytest.mark.parametrize("when", ["long after hashing", "in the tick it was hashed in"])
+def test_a_hit_with_a_changed_byte_is_a_miss_naming_the_file(tmp_path, when):
+    """Long after: the mtime moved. In the same tick (a coarse clock): the stamp is as it was,
+    but the file was hashed within a tick of its change, so it is hashed again."""
     store = Store(tmp_path / "artifacts", HashCache(tmp_path / "hashcache.json"))
-    art = _commit(store, "k", {"model.safetensors": b"w" * 1000, "config.json": b"{}"})
+    old = time.time_ns() - HOUR_NS if when == "long after hashing" else None
+    art = _commit(store, "k", {"model.safetensors": b"w" * 1000, "config.json": b"{}"},
+                  written_ns=old)
     assert store.lookup("merge", "k") == art
-    _flip_byte(art.path / "model.safetensors")          # same size: a size check misses it
+    # same size: a size check misses it
+    _flip_byte(art.path / "model.safetensors", keep_mtime=when != "long after hashing")
     warnings = []
     assert store.lookup("merge", "k", warn=warnings.append) is None
     assert len(warnings) == 1 and "model.safetensors (sha256 differs" in warnings[0]
@@ -68,7 +87,8 @@ def test_a_hit_with_a_changed_byte_is_a_miss_naming_the_file(tmp_path):
 def test_a_hit_rehashes_only_files_whose_stat_changed(tmp_path, monkeypatch):
     """The check on every hit costs a stat per file: an untouched multi-GB file is not read."""
     store = Store(tmp_path / "artifacts", HashCache(tmp_path / "hashcache.json"))
-    art = _commit(store, "k", {"big.bin": b"b" * 4096, "small.json": b"{}"})
+    art = _commit(store, "k", {"big.bin": b"b" * 4096, "small.json": b"{}"},
+                  written_ns=time.time_ns() - HOUR_NS)
     read = []
     real = artifacts.sha256_file
     monkeypatch.setattr(artifacts, "sha256_file", lambda p: read.append(Path(p).name) or real(p))
@@ -78,10 +98,30 @@ def test_a_hit_rehashes_only_files_whose_stat_changed(tmp_path, monkeypatch):
     assert store.lookup("merge", "k") == art and read == ["small.json"]  # remembered
 
 
+def test_a_file_hashed_within_a_tick_of_its_change_is_hashed_again_until_it_is_old(
+        tmp_path, monkeypatch):
+    f = tmp_path / "corpus.txt"
+    f.write_bytes(b"one")
+    now = time.time_ns()
+    os.utime(f, ns=(now, now))
+    hc = HashCache(tmp_path / "hc.json")
+    read = []
+    real = artifacts.sha256_file
+    monkeypatch.setattr(artifacts, "sha256_file", lambda p: read.append(Path(p).name) or real(p))
+    clock = iter([now, now + 10**9, now + 3 * 10**9, now + 4 * 10**9])
+    monkeypatch.setattr(artifacts, "time", types.SimpleNamespace(time_ns=lambda: next(clock)))
+    digest = hc.file(f)
+    assert hc.file(f) == digest and read == ["corpus.txt"] * 2     # 1 s after its mtime: again
+    assert hc.file(f) == digest and read == ["corpus.txt"] * 3     # hashed 3 s after it
+    assert hc.file(f) == digest and read == ["corpus.txt"] * 3     # now a stat is enough
+
+
 def test_verify_finds_a_change_the_stat_cannot_see(tmp_path):
     store = Store(tmp_path / "artifacts", HashCache(tmp_path / "hashcache.json"))
-    art = _commit(store, "k", {"model.safetensors": b"w" * 1000})
+    art = _commit(store, "k", {"model.safetensors": b"w" * 1000},
+                  written_ns=time.time_ns() - HOUR_NS)
     _flip_byte(art.path / "model.safetensors", keep_mtime=True)
+    assert store.lookup("merge", "k") == art             # the stat: as it was at commit
     assert store.verify(art) == ["model.safetensors"]
 
 

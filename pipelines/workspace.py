@@ -31,18 +31,28 @@ log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
+def _find_prctl():
+    """libc's prctl, looked up here in the parent: between fork and exec the child may only make
+    plain calls, and loading a library there (dlopen) can hang on a lock another thread of the
+    parent held at the fork. None where there is none (not Linux)."""
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except (OSError, AttributeError):  # not Linux: the server may outlive a killed run
-        pass
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_prctl = _find_prctl()
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec: only the call
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _detached_popen(*args, **kwargs):
     kwargs.setdefault("start_new_session", True)
     # The parent-death signal follows the thread that forks, so only from the main thread,
-    # which lives as long as the process.
-    if threading.current_thread() is threading.main_thread() and os.name == "posix":
+    # which lives as long as the process. Without prctl the server may outlive a killed run.
+    if _prctl is not None and threading.current_thread() is threading.main_thread():
         kwargs.setdefault("preexec_fn", _die_with_parent)
     return subprocess.Popen(*args, **kwargs)
 

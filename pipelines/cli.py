@@ -18,11 +18,14 @@ import re
 import sys
 from pathlib import Path
 
-from pipelines.config import STAGES
+from pipelines.config import STAGES, ConfigError
 
 # `source.url=https://...` or, quoted as Hydra needs when the URL holds `=`, `source.url='https://...'`
+# (with Hydra's + or ++ in front too); and `tracking.tracking_uri=scheme://user:password@...`.
 _URL_OVERRIDE = re.compile(
-    r"""^(?P<key>[\w.]*url)=(?P<q>['"]?)(?P<url>https?://(?P<host>[^/\s'"]*)[^\s'"]*)(?P=q)$""")
+    r"""^\+{0,2}(?P<key>[\w.]*url)=(?P<q>['"]?)(?P<url>https?://(?P<host>[^/\s'"]*)[^\s'"]*)(?P=q)$""")
+_TRACKING_URI_OVERRIDE = re.compile(
+    r"""^\+{0,2}tracking\.tracking_uri=(?P<q>['"]?)(?P<uri>[a-z][a-z0-9+.-]*://[^\s'"]+)(?P=q)$""")
 
 
 def _workdir(overrides: list[str]) -> Path:
@@ -35,13 +38,19 @@ def _workdir(overrides: list[str]) -> Path:
 def _hide_secrets(overrides: list[str]) -> list[str]:
     """A presigned URL given on the command line (`source.url=https://...?Signature=...`) moves to
     an environment variable, so the signature never becomes a Prefect parameter, an MLflow param
-    or a log line; the override becomes `source.url_env=LLAMAFLOW_SOURCE_URL`."""
+    or a log line; the override becomes `source.url_env=LLAMAFLOW_SOURCE_URL`. A tracking URI
+    with a password or a query string moves to MLFLOW_TRACKING_URI, which the tracker reads when
+    `tracking.tracking_uri` is null."""
     out = []
     for o in overrides:
         m = _URL_OVERRIDE.match(o)
+        t = _TRACKING_URI_OVERRIDE.match(o)
         if m and ("?" in m["url"] or "@" in m["host"]):
             os.environ["LLAMAFLOW_SOURCE_URL"] = m["url"]
             out += [f"{m['key']}=null", f"{m['key']}_env=LLAMAFLOW_SOURCE_URL"]
+        elif t and ("@" in t["uri"].split("/", 3)[2] or "?" in t["uri"]):
+            os.environ["MLFLOW_TRACKING_URI"] = t["uri"]
+            out.append("tracking.tracking_uri=null")
         else:
             out.append(o)
     return out
@@ -104,8 +113,9 @@ def _run(overrides: list[str], from_stage: str | None, multirun: bool) -> int:
         try:
             outcomes.append((title, lifecycle(overrides=ov, from_stage=from_stage)))
         except Exception as e:
-            if _ephemeral_server_timed_out(e):
-                return 2
+            if _ephemeral_server_timed_out(e):  # the later members would time out the same way
+                outcomes.append((title, e))
+                break
             outcomes.append((title, e))
     for title, outcome in outcomes:
         if isinstance(outcome, BaseException):
@@ -113,13 +123,21 @@ def _run(overrides: list[str], from_stage: str | None, multirun: bool) -> int:
             print(error_line(outcome), file=sys.stderr)
         else:
             print(summary(outcome, title), flush=True)
-    return 1 if any(isinstance(o, BaseException) for _, o in outcomes) else 0
+    failed = [o for _, o in outcomes if isinstance(o, BaseException)]
+    # 2: nothing could have run (a config problem, no Prefect server); 1: a stage failed
+    if failed and all(isinstance(o, ConfigError) or _timed_out(o) for o in failed):
+        return 2
+    return 1 if failed else 0
+
+
+def _timed_out(e: BaseException) -> bool:
+    return "Timed out while attempting to connect to ephemeral Prefect API server" in str(e)
 
 
 def _ephemeral_server_timed_out(e: BaseException) -> bool:
     """Prefect's own error when its temporary server does not answer in time names no fix:
     print one that does (True), or leave the error alone (False)."""
-    if "Timed out while attempting to connect to ephemeral Prefect API server" not in str(e):
+    if not _timed_out(e):
         return False
     from pipelines import EPHEMERAL_STARTUP_TIMEOUT_ENV
 

@@ -45,7 +45,9 @@ class Problem(NamedTuple):
     def __str__(self) -> str:
         if self.value is _NO_VALUE:
             return f"{self.key}: {self.message}" if self.key else self.message
-        shown = repr(self.value)
+        from pipelines.tracking import redact  # a bad source.url may carry its signature
+
+        shown = redact(repr(self.value))
         shown = shown if len(shown) <= 120 else shown[:117] + "..."
         return f"{self.key} = {shown}: {self.message}"
 

@@ -73,7 +73,7 @@ def lifecycle(overrides: list[str] | None = None, from_stage: str | None = None)
     tracker.log_params(parent, {"overrides": overrides, **flatten(
         {k: v for k, v in cfg.items() if k not in {"workdir"}})})
     tracker.log_text(parent, redact(to_yaml(cfg)), "config.yaml")
-    log.info("MLflow parent run %s (%s); workspace %s", parent, tracker.uri, workdir)
+    log.info("MLflow parent run %s (%s); workspace %s", parent, redact(tracker.uri), workdir)
     try:
         _tag_flow_run_with_owner()
     except Exception as e:  # only the crash detection of a later run depends on it
@@ -103,7 +103,7 @@ def lifecycle(overrides: list[str] | None = None, from_stage: str | None = None)
     report = Path(run.results["report"]["artifact"]) if "report" in run.results else None
     gates = report / "gates.json" if report is not None else None
     return {"mlflow_parent_run_id": parent, "workdir": str(workdir), "stages": run.results,
-            "mlflow_run_url": tracker.run_url(parent), "mlflow_uri": tracker.uri,
+            "mlflow_run_url": tracker.run_url(parent), "mlflow_uri": redact(tracker.uri),
             # without a Prefect UI (the temporary server) Prefect builds "None/flow-runs/..."
             "prefect_flow_run_url": url if (url := runtime.flow_run.ui_url or "").startswith(
                 "http") else None,

@@ -26,6 +26,10 @@ log = logging.getLogger(__name__)
 PARAM_MAX = 6000          # MLflow's limit on a param value
 BATCH = 100               # params per log_batch call
 URL = re.compile(r"https?://[^\s'\"<>]+")
+# Any other scheme (postgresql://, mysql://, s3://...): only userinfo and a query string go, so a
+# sqlite:////abs/path or file:/// URI stays as it is.
+OTHER_URI = re.compile(r"\b(?!https?://)([a-z][a-z0-9+.-]*://)([^\s/'\"<>@]*@)?([^\s?'\"<>#]*)"
+                       r"(?:[?#][^\s'\"<>]*)?")
 PID_TAG, HOST_TAG, PID_STARTED_TAG = "llamaflow.pid", "llamaflow.host", "llamaflow.pid_started"
 
 
@@ -42,7 +46,8 @@ def redact(value):
     from steps.download import redact as redact_url
 
     if isinstance(value, str):
-        return URL.sub(lambda m: redact_url(m.group(0)), value)
+        value = URL.sub(lambda m: redact_url(m.group(0)), value)
+        return OTHER_URI.sub(lambda m: m.group(1) + m.group(3), value)
     return value
 
 
@@ -207,5 +212,5 @@ class Tracker:
                                                 tags=tags).version
 
     def run_url(self, run_id: str) -> str:
-        base = self.uri if self.uri.startswith("http") else "http://127.0.0.1:5000"
+        base = redact(self.uri) if self.uri.startswith("http") else "http://127.0.0.1:5000"
         return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"

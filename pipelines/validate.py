@@ -45,9 +45,6 @@ SP_MAX_PIECE = 16
 # A corpus the vocab stage trains on that is at most this big is trained here too, to count the
 # eval sets with the vocabulary the run will make (a few hundred ms); bigger ones are not.
 RETRAIN_MAX_BYTES = 256 << 10
-# A retrained vocabulary is the stage's up to the trainer's thread scheduling (same pieces, not
-# always the same bytes): its counts get this slack before they are called too short.
-RETRAIN_SLACK = 1.05
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -88,6 +85,10 @@ def _plan(cfg: dict, from_stage: str | None, problems: list[Problem]) -> Plan:
             selected = [s for s in selected if STAGES.index(s) >= i]
             force |= set(STAGES[i:])   # "rerun from X": X and everything after it recompute
     last = max((STAGES.index(s) for s in selected), default=-1)
+    # A forced stage upstream of the last selected one is recomputed, so it runs, whether or not
+    # `stages` names it (`force=[merge] stages=[quantize]`: merge, then quantize on its output);
+    # one downstream of it does not extend the run.
+    selected = [s for s in STAGES if s in selected or (s in force and STAGES.index(s) <= last)]
     return Plan(selected, force, last)
 
 
@@ -493,7 +494,8 @@ def _eval_token_problems(cfg: dict, ev, vocab_config, problems: list[Problem]) -
         base tokenizer on disk and vocab.extra_sp given, the merge is rebuilt here (vocab's own
         merge_tokenizers, about a second for Chinese-LLaMA's 20K pieces) and the count is exact;
         with a small vocab.corpus (<= RETRAIN_MAX_BYTES) the extra model is trained here as the
-        stage trains it, and its count, within RETRAIN_SLACK, decides.
+        stage trains it (same corpus, size, seed and thread count: the same pieces) and its
+        count is exact too.
       * otherwise an upper bound: BPE starts from characters (a character missing from the
         vocabulary from its UTF-8 bytes, with byte fallback) and every merge only shortens, and
         a merged vocabulary keeps every base piece; so the base vocabulary's single-character
@@ -539,7 +541,7 @@ def _eval_token_problems(cfg: dict, ev, vocab_config, problems: list[Problem]) -
             counted = merged(text) if merged is not None else None
             if counted is not None:
                 n, exact, how = counted
-                if (n if exact else n * RETRAIN_SLACK) < need:
+                if n < need:
                     short.append(f"{', '.join(merged_models)}: {'' if exact else 'about '}{n} "
                                  f"tokens with the merged vocabulary ({how})")
             else:
@@ -626,7 +628,7 @@ def _merged_counter(base_tok: Path, vocab_config):
     sp = _merged_sp(str(base_tok), None, tuple(map(str, files)), _vocab_key(vocab_config),
                     _stamp([base_tok, *files]))
     how = "the extra vocabulary trained here on vocab.corpus as the vocab stage trains it"
-    return (lambda text: (_count(sp, text), False, how)) if sp is not None else None
+    return (lambda text: (_count(sp, text), True, how)) if sp is not None else None
 
 
 def _stamp(paths) -> tuple:

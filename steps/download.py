@@ -13,7 +13,7 @@ Output (`dest`), whatever the source:
 
 Meta's download.sh trusted `md5sum -c` (and on macOS ran `md5 checklist.chk`, which verifies
 nothing); the most reported failure is an expired presigned URL whose HTML/XML error page got
-saved as a .pth or .chk (recipe reference §9 P5). So here every file is checked against
+saved as a .pth or .chk. So here every file is checked against
 checklist.chk / tokenizer_checklist.chk (md5sum -c semantics) and against the hub's sha256 where
 it gives one, markup saved under a weight's name is recognised as such, and a file that fails is
 moved aside as `<name>.corrupt`, fetched once more, and then reported with its expected and actual

@@ -7,7 +7,7 @@ for each base tensor and each adapter in the given order,
   - a LoRA pair adds W += T(B @ A) * scale, scale = alpha / r (alpha / sqrt(r) with rslora),
     T = transpose iff fan_in_fan_out, computed in fp32 and cast back once at the end.
 Order matters: the last adapter's embeddings and tokenizer win, and an SFT adapter is only valid on
-the base + pre-training weights it was trained on (recipe §6.1, pain points P1-P3).
+the base + pre-training weights it was trained on.
 
 Streaming: the base is read one tensor at a time from its safetensors (any number of shards, P15)
 and each merged tensor is written straight into its output shard; only the adapters (small, apart
@@ -299,7 +299,7 @@ def _check_provenance(base_dir: Path, adapters: list[Adapter], i: int) -> None:
         raise MergeError(
             f"{ad.path}: trained on a base with digest {recorded[:12]}…,"
             f" but {base_dir} has digest {base_digest(base_dir)[:12]}… (config.json + tokenizer "
-            "files); a LoRA is only valid on the base it was trained on (recipe §6.1). Pass that "
+            "files); a LoRA is only valid on the base it was trained on. Pass that "
             "base, or set check_base_digest=false if the weights are known to be the same")
     applied = info.get("adapters_applied")
     if applied is not None:

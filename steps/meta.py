@@ -1,7 +1,7 @@
 """Meta's original LLaMA checkpoint layout: params.json, model-parallel shards, rotary order.
 
 Used by convert (Meta → HF), merge (HF → Meta output), download (shard lists), the demo and the
-benchmarks. Facts from meta-llama/llama model.py and fairscale's parallel layers (recipe §1.2):
+benchmarks. Facts from meta-llama/llama model.py and fairscale's parallel layers:
 wq, wk, wv, w1, w3 and output are column-parallel (sharded on dim 0), wo and w2 row-parallel
 (dim 1), tok_embeddings is sharded on the embedding dim (1), norms are replicated.
 """

@@ -1,5 +1,5 @@
 """pretrain stage: LoRA continued pre-training on plain text (Chinese-LLaMA-Alpaca
-`run_clm_pt_with_peft.py` / `run_pt.sh`, recipe §4).
+`run_clm_pt_with_peft.py` / `run_pt.sh`).
 
 Data: .txt (one example per line), .jsonl/.json or .parquet (a `text_column`) files or
 directories. Each line is tokenized with the model's tokenizer (BOS prepended, no EOS, as the
@@ -9,7 +9,7 @@ LLaMA tokenizer does), concatenated per map batch of 1,000 lines and cut into bl
 split, so a rerun does not re-tokenize (the recipe's v1 cache ignored tokenizer and block size).
 
 Deviation from the recipe: a map batch's tail shorter than block_size is dropped, never kept as
-one short block (the recipe's collator then silently repeats the first example, §4.2).
+one short block (the recipe's collator then silently repeats the first example).
 """
 from __future__ import annotations
 

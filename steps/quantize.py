@@ -8,7 +8,7 @@ Two entry points, as in llama.cpp's own flow (`convert_hf_to_gguf.py` then `llam
 - `quantize_gguf(src, out, qtype)` runs `llama_model_quantize` (llama-cpp-python) on an f16/f32
   GGUF for every llama.cpp type (K-quants can only come from there: gguf cannot make them).
 
-Recipe pain points handled here (reference §9): P7 K-quants on a vocabulary not divisible by 256
+Recipe pain points handled here: P7 K-quants on a vocabulary not divisible by 256
 (only a row length, ne0 = hidden size, must be a multiple of the block size; llama.cpp falls back
 per tensor and `quant_info.json` records what each tensor got); P9 a tokenizer that does not match
 the embedding rows (checked before anything is written); P10 added tokens ([PAD]) and padding of

@@ -1,5 +1,5 @@
 """sft stage: LoRA instruction tuning on Alpaca-format data (Chinese-LLaMA-Alpaca
-`run_clm_sft_with_peft.py` / `build_dataset.py` / `run_sft.sh`, recipe §5).
+`run_clm_sft_with_peft.py` / `build_dataset.py` / `run_sft.sh`).
 
 Trains on top of the base-zh model with the pre-training adapter(s) folded in first (the recipe's
 order: the final merge applies base-zh + [pt, sft]). Each record {instruction, input, output}:

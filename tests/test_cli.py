@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _llamaflow(args, env_extra: dict, cwd: Path, timeout: int = 240):
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PREFECT_", "MLFLOW_", "LLAMAFLOW_"))}
+           if not k.startswith(("PREFECT_", "MLFLOW_", "LLAMAFLOW_")) or k == "LLAMAFLOW_SHARED_DATA"}
     env.update({"PREFECT_SERVER_ANALYTICS_ENABLED": "false", **env_extra})
     return subprocess.run([sys.executable, "-m", "pipelines.cli", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
@@ -33,7 +33,7 @@ def test_ephemeral_prefect_server_gets_a_laptop_sized_start_up_limit():
     assert int(out) == 7
 
 
-def test_ephemeral_server_timeout_says_what_to_set(tmp_path):
+def test_ephemeral_server_timeout_says_what_to_set(tmp_path, shared_data):
     """A server that cannot start in time (a 1 s limit) ends the run with one message naming the
     setting and the alternative, and exit status 2."""
     t0 = time.time()
@@ -76,17 +76,13 @@ def test_summary_names_the_report_the_gates_and_every_stage_outcome(tmp_path):
     assert "gates:     passed (1 checked)" in summary(result)
 
 
-def test_a_failed_member_is_reported_once_and_the_others_still_are(tmp_path):
+def test_a_failed_member_is_reported_once_and_the_others_still_are(tmp_path, shared_data):
     """-m with one good and one broken member: both get their labelled section, the failure is
     one line naming the stage (no traceback anywhere on the console), the exit status is 1, and
     a file that is not a llama2.c export is not retried."""
     garbage = tmp_path / "garbage.bin"
     garbage.write_bytes(bytes(range(256)) * 8)
-    good = REPO.parent / "shared" / "data" / "models" / "stories260K" / "stories260K.bin"
-    if not good.is_file():
-        import pytest
-
-        pytest.skip(f"{good} not found (../shared/data)")
+    good = shared_data / "models" / "stories260K" / "stories260K.bin"
     r = _llamaflow(["run", "-m", "recipe=stories260k", "stages=[download]",
                     f"source.bin_path={good},{garbage}", f"workdir={tmp_path / 'ws'}"], {}, tmp_path)
     out = r.stdout + r.stderr

@@ -55,6 +55,27 @@ def test_a_quoted_presigned_url_is_caught_too(monkeypatch):
     assert out == ["source.url=null", "source.url_env=LLAMAFLOW_SOURCE_URL"]
 
 
+def test_other_spellings_of_a_secret_are_caught(monkeypatch):
+    """Hydra's +/++ prefixes, and a tracking URI with a password or token: none becomes a flow
+    parameter; config errors and redacted text show no userinfo or query of any scheme."""
+    from pipelines.config import Problem
+    from pipelines.tracking import redact
+
+    monkeypatch.delenv("LLAMAFLOW_SOURCE_URL", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    out = _hide_secrets(["++source.url=https://h.example/*?Signature=SECRET",
+                         "tracking.tracking_uri=postgresql://mlflow:PASSWORD@db:5432/mlflow",
+                         "tracking.tracking_uri=sqlite:////tmp/x.db"])
+    assert out == ["source.url=null", "source.url_env=LLAMAFLOW_SOURCE_URL",
+                   "tracking.tracking_uri=null", "tracking.tracking_uri=sqlite:////tmp/x.db"]
+    import os
+    assert os.environ["MLFLOW_TRACKING_URI"] == "postgresql://mlflow:PASSWORD@db:5432/mlflow"
+    assert redact("s3://b/k?X-Amz-Signature=SECRET and mysql://u:PASSWORD@h/db") == \
+        "s3://b/k and mysql://h/db"
+    shown = str(Problem("source.url", "https://h.example/x?Signature=SECRET", "bad"))
+    assert "SECRET" not in shown and "h.example/x" in shown
+
+
 class _Run:
     """What runner._step_config reads of a lifecycle run."""
     def __init__(self, cfg, tmp_path):

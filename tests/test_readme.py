@@ -52,7 +52,8 @@ def _skip_reason(command: str) -> str | None:
 
 def _env(workdir: Path) -> dict:
     env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PREFECT_", "MLFLOW_", "LLAMAFLOW_", "VIRTUAL_ENV"))}
+           if not k.startswith(("PREFECT_", "MLFLOW_", "LLAMAFLOW_", "VIRTUAL_ENV"))
+           or k == "LLAMAFLOW_SHARED_DATA"}   # where CI keeps ../shared/data, if elsewhere
     return {**env, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "LLAMAFLOW_WORKDIR": str(workdir)}
 
 

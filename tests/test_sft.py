@@ -12,7 +12,7 @@ from steps import pretrain, sft
 from steps.checks import check_adapter, tokenizer_size
 from tests.tiny import DEMO_DATA
 
-# Written out here on purpose (not imported): recipe §5, note the space after "Response:".
+# Written out here on purpose (not imported): note the space after "Response:".
 RECIPE_TEMPLATE = ("Below is an instruction that describes a task. Write a response that "
                    "appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n"
                    "### Response: ")

@@ -136,7 +136,7 @@ def test_a_quant_type_the_installed_llama_cpp_lacks_is_refused(monkeypatch):
     assert "has no Q4_K_M" in message
 
 
-# -- unknown group options (issue 13 §2) -------------------------------------------------------
+# -- unknown group options -------------------------------------------------------
 
 def test_a_misspelled_recipe_is_an_error_listing_the_known_ones(capsys):
     from pipelines.cli import main
@@ -247,7 +247,7 @@ def test_the_old_stories260k_eval_sets_are_refused_at_flow_start(shared_data):
     assert "needs 2 x n_ctx = 512 tokens (evaluate.n_ctx=256); base: 361 tokens with the " \
            "source's tokenizer" in message
     assert "evaluate.eval_sets.zh.path" in message
-    assert "about 276 tokens with the merged vocabulary" in message   # the vocab stage's 276
+    assert ": 276 tokens with the merged vocabulary" in message   # the vocab stage's 276
     assert "Fix: a longer text, a smaller evaluate.n_ctx" in message
     assert check(["recipe=stories260k", "evaluate=demo", "evaluate.n_ctx=128"])  # 361, 276 >= 256
 
@@ -279,3 +279,15 @@ def test_the_token_bounds_never_undercount(shared_data, tmp_path):
             assert _upper_bound(text) >= n, (path, name)
             base = sps["tok512" if name == "tok512" else "llama"]
             assert _upper_bound(text, base) >= n, (path, name)
+
+
+def test_a_forced_stage_upstream_of_the_selection_runs():
+    """force=[merge] stages=[quantize,evaluate] recomputes merge and then the selection (it used
+    to fail: merge was forced, so not looked up, and not selected, so 'not cached'); a forced
+    stage after the last selected one does not extend the run."""
+    from pipelines.validate import plan
+
+    p = plan({"stages": ["quantize", "evaluate"], "force": ["merge"]})
+    assert p.selected == ["merge", "quantize", "evaluate"] and p.force == {"merge"}
+    p = plan({"stages": ["download"], "force": ["evaluate"]})
+    assert p.selected == ["download"] and p.last == 0

@@ -83,22 +83,38 @@ def read_owner(path: Path) -> dict | None:
         return None
 
 
+# `is_held` takes the lock for a moment: a lock that is busy for less than this is taken without
+# a word, so that a probe is never reported as another run to wait for.
+PROBE_SECONDS = 0.5
+
+
+def _try_lock(fd: int, within: float) -> bool:
+    """Take the lock without blocking, trying again for `within` seconds; False if still busy."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.01)
+
+
 @contextlib.contextmanager
 def hold(path: Path, *, what: str = "",
          on_wait: Callable[[dict | None], None] | None = None) -> Iterator[None]:
     """Hold the exclusive lock `path` (created if missing) for the body. When another process
-    holds it, `on_wait(owner record)` is called once and this blocks until it is free (a Ctrl-C
-    still interrupts the wait)."""
+    holds it for longer than PROBE_SECONDS, `on_wait(owner record)` is called once and this
+    blocks until it is free (a Ctrl-C still interrupts the wait)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # O_TRUNC would wipe the holder's record each time a waiter opens the file
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
+        if not _try_lock(fd, PROBE_SECONDS):
             if on_wait is not None:
                 on_wait(read_owner(path))
             fcntl.flock(fd, fcntl.LOCK_EX)
@@ -116,7 +132,8 @@ def hold(path: Path, *, what: str = "",
 
 
 def is_held(path: Path) -> bool:
-    """Whether some process holds the lock `path` now (False when the file does not exist)."""
+    """Whether some process holds the lock `path` now (False when the file does not exist).
+    It takes the lock for a moment to find out; `hold` lets such a moment pass unreported."""
     try:
         fd = os.open(path, os.O_RDWR)
     except FileNotFoundError:

@@ -174,6 +174,28 @@ def test_a_lock_held_by_another_process_waits_and_names_it_and_dies_with_it(tmp_
         holder.wait()
 
 
+def test_a_lock_busy_only_for_a_moment_is_taken_without_reporting_a_wait(tmp_path):
+    """`is_held` (the stale temp-dir check of another run) takes the lock for a moment: a run
+    that meets it then must not log that it waits for another process."""
+    import fcntl
+    import threading
+
+    lock = tmp_path / "k.lock"
+    lock.touch()
+    probe = os.open(lock, os.O_RDWR)       # an open file of its own: flock conflicts as between
+    try:                                   # two processes
+        fcntl.flock(probe, fcntl.LOCK_EX)
+        release = threading.Timer(0.05, fcntl.flock, (probe, fcntl.LOCK_UN))
+        release.start()
+        seen = []
+        with locks.hold(lock, on_wait=seen.append):
+            assert locks.read_owner(lock)["pid"] == os.getpid()
+        release.join()
+        assert seen == []
+    finally:
+        os.close(probe)
+
+
 def test_a_temp_dir_is_stale_when_no_process_holds_its_key(tmp_path):
     store = Store(tmp_path / "artifacts")
     live = store.new_tmp("sft", "a" * 64)

@@ -233,16 +233,42 @@ def cmd_ui(args) -> int:
 
 
 def cmd_deploy(args, serve: bool) -> int:
-    _prepare_environment(_workdir(args.overrides))
     from pipelines import deploy
+    from pipelines.config import load_config
 
-    print(f"llamaflow {'serve' if serve else 'deploy'}: "
-          f"{deploy.describe(deploy.load_deploy_config(args.overrides))}", flush=True)
+    cmd = "serve" if serve else "deploy"
+    names = args.names or None
+    work_pool = None if serve else args.work_pool
+    # Composed without deploy's full check, which imports Prefect (PREFECT_HOME comes first):
+    # enough to refuse secrets before anything starts and to see which pools the runs go to.
+    raw = load_config(args.overrides, config_name=deploy.DEPLOY_CONFIG)
+    try:
+        deploy.check_secrets(raw)
+        here = serve or deploy.runs_here(raw, names, work_pool)
+    except ValueError as e:
+        print(f"llamaflow {cmd}: {e}", file=sys.stderr)
+        return 2
+    if here:   # serve and process pools: the workspace is a path on this machine
+        _prepare_environment(_workdir(args.overrides))
+    elif not os.environ.get("PREFECT_API_URL"):
+        print("llamaflow deploy: docker/kubernetes pools are polled by workers elsewhere: set "
+              "PREFECT_API_URL to their Prefect server (a temporary one here would keep the "
+              "deployments from them)", file=sys.stderr)
+        return 2
+    try:
+        cfg = deploy.load_deploy_config(args.overrides)
+        print(f"llamaflow {cmd}: " + deploy.describe(
+            cfg, names, for_work_pools=not serve, work_pool=work_pool,
+            explicit_workdir=deploy.workdir_given(args.overrides)), flush=True)
+        if not serve:
+            ids = deploy.deploy(names=names, work_pool=work_pool, image=args.image,
+                                overrides=args.overrides)
+    except ValueError as e:   # the config or the server's pools: the field and the fix
+        print(f"llamaflow {cmd}: {e}", file=sys.stderr)
+        return 2
     if serve:
-        deploy.serve(names=args.names or None, overrides=args.overrides)
+        deploy.serve(names=names, overrides=args.overrides)
     else:
-        ids = deploy.deploy(names=args.names or None, work_pool=args.work_pool, image=args.image,
-                            overrides=args.overrides)
         print(f"llamaflow deploy: {len(ids)} deployment(s) created or updated; start a worker "
               "with `prefect worker start --pool cpu` (and --pool gpu)", flush=True)
     return 0

@@ -10,12 +10,17 @@ nightly re-evaluation is `overrides=["stages=[evaluate]", "force=[evaluate]"]`, 
 `from_stage="pretrain"`. Both parameters are plain JSON (a list of Hydra override strings, a
 stage name), so the Prefect UI shows them as a form and every run can change them.
 
-Every flow run works in one persistent workspace: `workdir` in conf/deploy/default.yaml, made
-absolute when `deploy`/`serve` runs and passed to each flow run as LLAMAFLOW_WORKDIR (work-pool
-deployments: their job variables `env`; serve: this process's environment, which its flow-run
-processes inherit), together with MLFLOW_TRACKING_URI and LLAMAFLOW_REMOTE when they are set.
-Each deployment's `overrides` start with `base_overrides` (the demo recipe, shipped), so the
-deployments run as shipped in a workspace `llamaflow demo` made.
+Every flow run works in one persistent workspace: `workdir` in conf/deploy/default.yaml, passed
+to each flow run as LLAMAFLOW_WORKDIR. For `serve` and process pools, whose flow runs see this
+machine's files, it is made absolute when `deploy`/`serve` runs (process pools: the
+deployment's job variables `env`, with MLFLOW_TRACKING_URI and LLAMAFLOW_REMOTE when they are
+set and hold no credentials; serve: this process's environment, which its flow-run processes
+inherit). Docker and Kubernetes pools run in containers whose job template sets the environment
+(infra/k8s/gpu-base-job-template.json: the workspace volume at /workspace, the in-cluster MLflow):
+a deployment's `env` would replace those defaults, so it gets none, unless `workdir` was set
+explicitly (`--overrides workdir=/mnt/ws`): then that path, as given, merged into the template's
+defaults. Each deployment's `overrides` start with `base_overrides` (the demo recipe, shipped), so
+the deployments run as shipped in a workspace `llamaflow demo` made.
 
 GPU use is bounded twice: the gpu pool's concurrency limit (flow runs at once in the pool) and a
 tag concurrency limit on "gpu" (task runs at once across all flow runs; pipelines/runner.py tags
@@ -25,14 +30,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pipelines.config import load_config
+from pipelines.config import CONF_DIR, load_config
 
 DEPLOY_CONFIG = "deploy/default"
+# conf/deploy/default.yaml's own workdir: LLAMAFLOW_WORKDIR of the deploying shell, else
+# ./workspace. Anything else (a `workdir=` override, an edited file) is a workdir set explicitly.
+SHIPPED_WORKDIR = "${oc.env:LLAMAFLOW_WORKDIR,workspace}"
+# A URL anywhere in an override string (`source.url=https://...`, `tracking.tracking_uri=...`).
+_URL = re.compile(r"""[A-Za-z][\w+.-]*://[^\s'"\],]+""")
 _DEPLOYMENT_KEYS = {"description", "pool", "cron", "timezone", "overrides", "from_stage", "tags"}
-# Variables of the deploying shell that every flow run gets too: where it tracks and shares.
+# Variables of the deploying shell that flow runs of serve and process pools get too: where
+# they track and share (docker/kubernetes pods get theirs from the job template).
 RUN_ENV_PASSED = ("MLFLOW_TRACKING_URI", "LLAMAFLOW_REMOTE")
 
 
@@ -57,6 +69,7 @@ def _check(cfg: dict) -> None:
     if not isinstance(base, list) or not all(isinstance(o, str) for o in base):
         raise ValueError("conf/deploy/default.yaml: base_overrides must be a list of Hydra "
                          "override strings")
+    check_secrets(cfg)
     for name, d in (cfg.get("deployments") or {}).items():
         where = f"conf/deploy/default.yaml: deployments.{name}"
         unknown = set(d) - _DEPLOYMENT_KEYS
@@ -83,6 +96,47 @@ def _check(cfg: dict) -> None:
                              f"at {tpl}")
 
 
+def holds_secret(uri: str) -> bool:
+    """A URL with credentials (user:password@), a query string (a presigned URL's signature, a
+    token) or a fragment: never stored in a deployment, printed only redacted."""
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        return True
+    return bool("@" in parts.netloc or parts.query or parts.fragment)
+
+
+def redacted(text: str) -> str:
+    """`text` with every URL in it redacted as MLflow params and logs are (no userinfo, query
+    string or fragment; sqlite paths kept)."""
+    from pipelines.tracking import redact
+
+    return redact(text)
+
+
+def check_secrets(cfg: dict) -> None:
+    """Overrides become the deployments' parameters, stored on the Prefect server and shown in its
+    UI to everyone who can read it: a signed URL or a password must come from the worker's
+    environment instead (ValueError naming the override, redacted). Needs no Prefect import."""
+    lists = [("base_overrides", cfg.get("base_overrides"))] + [
+        (f"deployments.{n}.overrides", d.get("overrides"))
+        for n, d in (cfg.get("deployments") or {}).items() if isinstance(d, dict)]
+    for where, overrides in lists:
+        _refuse_secrets(where, overrides if isinstance(overrides, list) else [])
+
+
+def _refuse_secrets(where: str, overrides: list) -> None:
+    for i, o in enumerate(overrides):
+        if isinstance(o, str) and any(holds_secret(u) for u in _URL.findall(o)):
+            raise ValueError(
+                f"conf/deploy/default.yaml: {where}[{i}] {redacted(o)!r} holds a URL with "
+                "credentials or a query string (a presigned URL's signature), which the "
+                "deployment would store in its parameters on the Prefect server. Export the URL "
+                "in the worker's environment (e.g. LLAMAFLOW_SOURCE_URL=...) and give "
+                "source.url_env=LLAMAFLOW_SOURCE_URL instead (a tracking URI: MLFLOW_TRACKING_URI "
+                "in the worker's environment).")
+
+
 def _selected(cfg: dict, names: list[str] | None) -> dict[str, dict]:
     all_ = cfg.get("deployments") or {}
     if not names:
@@ -102,39 +156,117 @@ def parameters(d: dict, cfg: dict | None = None) -> dict:
 
 
 def workspace(cfg: dict) -> Path:
-    """The absolute workspace of every flow run (resolved here, where deploy/serve runs)."""
+    """The absolute workspace of every flow run of `serve` and of process pools (resolved here,
+    where deploy/serve runs)."""
     return Path(cfg["workdir"]).expanduser().resolve()
 
 
+def workdir_given(overrides: list[str] | tuple[str, ...] = ()) -> bool:
+    """Whether `workdir` was set explicitly (a `workdir=` override, or conf/deploy/default.yaml
+    edited), not LLAMAFLOW_WORKDIR of the deploying shell or ./workspace: only then do
+    docker/kubernetes pools get it (the deploying shell's is a path on this machine)."""
+    if any(o.lstrip("+").split("=", 1)[0] == "workdir" for o in overrides):
+        return True
+    import yaml
+
+    raw = yaml.safe_load((CONF_DIR / f"{DEPLOY_CONFIG}.yaml").read_text()) or {}
+    return raw.get("workdir") != SHIPPED_WORKDIR
+
+
 def run_env(cfg: dict) -> dict[str, str]:
-    """The environment every flow run of these deployments gets: LLAMAFLOW_WORKDIR, and
-    MLFLOW_TRACKING_URI / LLAMAFLOW_REMOTE as set here. A tracking URI holding a password is
-    not copied into the deployment (the worker must have it in its own environment)."""
+    """The environment every flow run of `serve` and of process pools gets: LLAMAFLOW_WORKDIR,
+    and MLFLOW_TRACKING_URI / LLAMAFLOW_REMOTE as set here. A URI with credentials or a query
+    string (a password, a token) is not copied into the deployment (the worker must have it in
+    its own environment)."""
     env = {"LLAMAFLOW_WORKDIR": str(workspace(cfg))}
     for var in RUN_ENV_PASSED:
         value = os.environ.get(var)
-        if value and "@" not in urlsplit(value).netloc:
+        if value and not holds_secret(value):
             env[var] = value
     return env
 
 
-def describe(cfg: dict) -> str:
-    """Where the flow runs of these deployments will work and track (printed by the CLI)."""
-    env = run_env(cfg)
-    tracking = env.get("MLFLOW_TRACKING_URI") or os.environ.get("MLFLOW_TRACKING_URI") or \
-        f"sqlite:///{workspace(cfg) / 'mlflow.db'}"
-    if "@" in urlsplit(tracking).netloc:
-        tracking = "MLFLOW_TRACKING_URI of the worker (it holds credentials: not copied)"
-    return (f"flow runs use workspace {env['LLAMAFLOW_WORKDIR']} (LLAMAFLOW_WORKDIR), MLflow "
-            f"{tracking}, Prefect {os.environ.get('PREFECT_API_URL') or 'ephemeral (no PREFECT_API_URL)'}; "
-            f"every run's overrides start with {cfg.get('base_overrides') or []}")
+def template_env(template: dict | None) -> dict[str, str]:
+    """The defaults of a base job template's `env` variable (what its flow runs get when the
+    deployment sets no `env`)."""
+    props = ((template or {}).get("variables") or {}).get("properties") or {}
+    return dict((props.get("env") or {}).get("default") or {})
 
 
-def deployments(cfg: dict, names: list[str] | None = None, *, for_work_pools: bool = False) -> list:
+def configured_pool(cfg: dict, name: str) -> dict:
+    """A pool as conf/deploy describes it: its type and base job template (None when the server
+    gives the type's default)."""
+    p = (cfg.get("pools") or {})[name]
+    tpl = p.get("base_job_template")
+    return {"type": p["type"], "base_job_template": json.loads(Path(tpl).read_text()) if tpl else None}
+
+
+def job_variables(cfg: dict, pool: dict, explicit_workdir: bool = False) -> dict:
+    """A work-pool deployment's job variables. Prefect replaces the template's whole `env` with
+    the deployment's, so whatever is set here is merged into the template's defaults.
+
+    process: run_env (the workspace made absolute here, where the worker's files are this
+    machine's). docker/kubernetes: nothing, the template's env stays (the workspace volume, the
+    in-cluster MLflow), unless the workdir was set explicitly: then that path as given (a path
+    inside the container; this machine's absolute path would lie outside the volume)."""
+    defaults = template_env(pool.get("base_job_template"))
+    if pool["type"] == "process":
+        return {"env": {**defaults, **run_env(cfg)}}
+    if explicit_workdir:
+        return {"env": {**defaults, "LLAMAFLOW_WORKDIR": str(cfg["workdir"])}}
+    return {}
+
+
+def runs_here(cfg: dict, names: list[str] | None = None, work_pool: str | None = None) -> bool:
+    """Whether any selected deployment goes to a process pool (its workspace is then a path on
+    this machine, resolved and checked here)."""
+    pools = cfg.get("pools") or {}
+    chosen = {work_pool} if work_pool else {d.get("pool") for d in _selected(cfg, names).values()}
+    return any((pools.get(p) or {}).get("type", "process") == "process" for p in chosen)
+
+
+def describe(cfg: dict, names: list[str] | None = None, *, for_work_pools: bool = False,
+             work_pool: str | None = None, explicit_workdir: bool = False) -> str:
+    """Where the flow runs of these deployments will work and track (printed by the CLI),
+    every URL redacted."""
+    parts = []
+    pools = {}
+    if for_work_pools:
+        for d in _selected(cfg, names).values():
+            name = work_pool or d["pool"]
+            pools[name] = configured_pool(cfg, name)
+    local = [n for n, p in pools.items() if p["type"] == "process"]
+    if not for_work_pools or local:
+        env = run_env(cfg)
+        tracking = os.environ.get("MLFLOW_TRACKING_URI") or \
+            f"sqlite:///{workspace(cfg) / 'mlflow.db'}"
+        if "MLFLOW_TRACKING_URI" in os.environ and "MLFLOW_TRACKING_URI" not in env:
+            tracking = f"{redacted(tracking)} (the worker's MLFLOW_TRACKING_URI: it holds " \
+                "credentials or a query string, not copied)"
+        where = f" (pool {', '.join(sorted(local))})" if for_work_pools else ""
+        parts.append(f"flow runs use workspace {env['LLAMAFLOW_WORKDIR']} (LLAMAFLOW_WORKDIR), "
+                     f"MLflow {tracking}{where}")
+    for name, p in sorted(pools.items()):
+        if p["type"] == "process":
+            continue
+        env = job_variables(cfg, p, explicit_workdir).get("env") or \
+            template_env(p["base_job_template"])
+        shown = ", ".join(f"{k}={redacted(env[k])}" for k in ("LLAMAFLOW_WORKDIR", "MLFLOW_TRACKING_URI")
+                          if k in env) or "as its worker's job template sets them"
+        parts.append(f"pool {name} ({p['type']}) flow runs use its job template's environment: "
+                     f"{shown}")
+    prefect = os.environ.get("PREFECT_API_URL")
+    parts.append(f"Prefect {redacted(prefect) if prefect else 'ephemeral (no PREFECT_API_URL)'}")
+    return "; ".join(parts) + f"; every run's overrides start with {cfg.get('base_overrides') or []}"
+
+
+def deployments(cfg: dict, names: list[str] | None = None, *, for_work_pools: bool = False,
+                pools: dict[str, dict] | None = None, explicit_workdir: bool = False) -> list:
     """RunnerDeployments of the lifecycle flow, one per entry of cfg["deployments"] (or `names`).
 
-    for_work_pools=True sets each deployment's work pool and the flow runs' environment (for
-    `deploy`); otherwise they are for `serve` (this process runs them, in its environment)."""
+    for_work_pools=True sets each deployment's work pool and job variables (for `deploy`; the
+    pools' types and templates from `pools`, as the server has them, else from conf/deploy);
+    otherwise they are for `serve` (this process runs them, in its environment)."""
     from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Cron
 
@@ -154,14 +286,17 @@ def deployments(cfg: dict, names: list[str] | None = None, *, for_work_pools: bo
         # copying its code from `<cwd>/None`.)
         kwargs["entrypoint_type"] = EntrypointType.MODULE_PATH
         if for_work_pools:
-            kwargs.update(work_pool_name=d["pool"], job_variables={"env": run_env(cfg)})
+            pool = (pools or {}).get(d["pool"]) or configured_pool(cfg, d["pool"])
+            kwargs.update(work_pool_name=d["pool"],
+                          job_variables=job_variables(cfg, pool, explicit_workdir))
         out.append(lifecycle.to_deployment(**kwargs))
     return out
 
 
-def ensure_work_pools(cfg: dict, pools: set[str] | None = None) -> dict[str, str]:
+def ensure_work_pools(cfg: dict, pools: set[str] | None = None) -> dict[str, dict]:
     """Create (or update the concurrency limit of) the configured work pools, and the task tag
-    concurrency limits. Returns {pool name: pool type}."""
+    concurrency limits. Returns {pool name: {"type", "base_job_template"}} as the server has them.
+    A pool that exists with another type is an error (its template is not overwritten)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectAlreadyExists
@@ -183,10 +318,19 @@ def ensure_work_pools(cfg: dict, pools: set[str] | None = None) -> dict[str, str
                     name=name, type=p["type"], description=p.get("description"),
                     base_job_template=template, concurrency_limit=p.get("concurrency")))
             except ObjectAlreadyExists:
+                existing = client.read_work_pool(name)
+                if existing.type != p["type"]:
+                    raise ValueError(
+                        f"work pool {name!r} exists on the Prefect server with type "
+                        f"{existing.type!r}, conf/deploy/default.yaml says pools.{name}.type="
+                        f"{p['type']!r}: set that (e.g. --overrides pools.{name}.type="
+                        f"{existing.type}) or delete the pool (`prefect work-pool delete {name}`)"
+                    ) from None
                 client.update_work_pool(name, WorkPoolUpdate(
                     description=p.get("description"), concurrency_limit=p.get("concurrency"),
                     **({"base_job_template": template} if template else {})))
-            made[name] = p["type"]
+            pool = client.read_work_pool(name)
+            made[name] = {"type": pool.type, "base_job_template": pool.base_job_template}
         for tag, limit in (cfg.get("task_concurrency") or {}).items():
             client.create_concurrency_limit(tag=tag, concurrency_limit=int(limit))
     return made
@@ -209,11 +353,13 @@ def deploy(names: list[str] | None = None, work_pool: str | None = None, image: 
             d["pool"] = work_pool
     image = image or cfg.get("image")
     selected = _selected(cfg, names)
-    ensure_work_pools(cfg, {d["pool"] for d in selected.values()})
+    pools = ensure_work_pools(cfg, {d["pool"] for d in selected.values()})
+    explicit = workdir_given(overrides)
     ids = []
     for pool in sorted({d["pool"] for d in selected.values()}):
         group = [n for n, d in selected.items() if d["pool"] == pool]
-        ids += prefect.deploy(*deployments(cfg, group, for_work_pools=True), work_pool_name=pool,
+        ids += prefect.deploy(*deployments(cfg, group, for_work_pools=True, pools=pools,
+                                           explicit_workdir=explicit), work_pool_name=pool,
                               image=image, build=False, push=False,
                               print_next_steps_message=False, ignore_warnings=True)
     return ids

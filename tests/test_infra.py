@@ -311,6 +311,36 @@ def test_gpu_job_template_renders_to_a_valid_gpu_job():
     assert env["LLAMAFLOW_WORKDIR"] == "/workspace" and env["MLFLOW_TRACKING_URI"].startswith("http://mlflow")
 
 
+@pytest.mark.parametrize("given", [False, True])
+def test_a_gpu_deployment_keeps_the_templates_env_in_its_pods(given, tmp_path, monkeypatch):
+    """`llamaflow deploy` to the kubernetes gpu pool, from a laptop with its own workspace and
+    tracking URI: the pod still gets the template's env (the workspace volume, the Hugging Face
+    cache, the in-cluster MLflow), as the worker merges the deployment's job variables over the
+    template's defaults; an explicit workdir replaces only LLAMAFLOW_WORKDIR, as given."""
+    from pipelines.deploy import deployments, load_deploy_config
+
+    laptop = tmp_path / "laptop-ws"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LLAMAFLOW_WORKDIR", str(laptop))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    overrides = ["pools.gpu.type=kubernetes", f"pools.gpu.base_job_template={TEMPLATE}"] + \
+        (["workdir=/workspace/team-a"] if given else [])
+    (dep,) = deployments(load_deploy_config(overrides), ["nightly-evaluate"], for_work_pools=True,
+                         explicit_workdir=given)
+    tpl = _template()
+    values = {**_defaults(tpl), **dep.job_variables, "name": "llamaflow-nightly"}
+    job = render_job(tpl, values)
+    k8s_validate([job])
+    c = job["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env == {**_defaults(tpl)["env"],
+                   "LLAMAFLOW_WORKDIR": "/workspace/team-a" if given else "/workspace"}
+    assert env["HF_HOME"] == "/cache/huggingface" and env["MLFLOW_TRACKING_URI"].startswith("http://mlflow")
+    assert str(tmp_path) not in json.dumps(job)
+    assert env["LLAMAFLOW_WORKDIR"].startswith(
+        next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == "workspace"))
+
+
 def test_gpu_job_template_typo_would_fail():
     from prefect.server.schemas.actions import validate_base_job_template
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -63,6 +64,108 @@ def test_deploy_workspace_is_made_absolute_and_passed_with_the_tracking_uri(tmp_
                               'base_overrides=["recipe=stories260k"]'])
     assert run_env(cfg)["LLAMAFLOW_WORKDIR"] == "/data/llamaflow"
     assert cfg["base_overrides"] == ["recipe=stories260k"]
+
+
+@pytest.mark.parametrize("uri", [
+    "https://mlflow.example/?token=s3cr3t",        # a token in the query string
+    "https://mlflow.example/#s3cr3t",
+    "postgresql://mlflow:s3cr3t@db.example/mlflow",
+])
+def test_deploy_never_copies_or_prints_a_uri_with_credentials(uri, tmp_path, monkeypatch):
+    from pipelines.deploy import describe, load_deploy_config, run_env
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("LLAMAFLOW_REMOTE", uri.replace("mlflow", "bucket"))
+    monkeypatch.setenv("PREFECT_API_URL", "https://user:s3cr3t@prefect.example/api?key=s3cr3t")
+    cfg = load_deploy_config()
+    assert set(run_env(cfg)) == {"LLAMAFLOW_WORKDIR"}
+    for text in (describe(cfg), describe(cfg, for_work_pools=True)):
+        assert "s3cr3t" not in text
+        assert "Prefect https://prefect.example/api;" in text
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000/")
+    assert run_env(load_deploy_config())["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000/"
+
+
+@pytest.mark.parametrize("override, where", [
+    ('base_overrides=["recipe=demo","source.url=https://dl.example/llama/*?Signature=s3cr3t"]',
+     "base_overrides[1]"),
+    ('deployments.lifecycle.overrides=["tracking.tracking_uri=https://u:s3cr3t@mlflow.example"]',
+     "deployments.lifecycle.overrides[0]"),
+])
+def test_deploy_refuses_a_signed_url_in_the_deployments_parameters(override, where, capsys,
+                                                                   monkeypatch, tmp_path):
+    """Overrides are stored on the Prefect server as the deployments' parameters: a presigned
+    URL or a password there is refused, redacted, with the fix (the worker's environment and
+    source.url_env), before anything starts."""
+    from pipelines.cli import main
+    from pipelines.deploy import load_deploy_config
+
+    with pytest.raises(ValueError, match=re.escape(where)) as e:
+        load_deploy_config([override])
+    assert "s3cr3t" not in str(e.value) and "url_env" in str(e.value)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    assert main(["deploy", "--overrides", override]) == 2
+    err = capsys.readouterr().err
+    assert where in err and "s3cr3t" not in err and "source.url_env=LLAMAFLOW_SOURCE_URL" in err
+    assert list(tmp_path.iterdir()) == []   # refused before any workspace or Prefect server
+    # the same URL without its signature is an ordinary override
+    plain = 'base_overrides=["recipe=demo","source.url=https://dl.example/llama/*"]'
+    assert load_deploy_config([plain])["base_overrides"][1] == "source.url=https://dl.example/llama/*"
+
+
+K8S_GPU = ["pools.gpu.type=kubernetes",
+           "pools.gpu.base_job_template=${repo:infra/k8s/gpu-base-job-template.json}"]
+
+
+def test_a_kubernetes_pool_keeps_its_templates_workspace(tmp_path, monkeypatch):
+    """A deployment's job variables `env` replaces the whole env of a kubernetes template: the
+    deploying machine's workspace (and tracking URI) go only to process pools; a kubernetes
+    pool keeps the template's /workspace volume and in-cluster MLflow unless workdir is set
+    explicitly, and then gets that path as given, merged into the template's defaults."""
+    from pipelines.deploy import (deployments, describe, load_deploy_config, runs_here,
+                                  template_env, workdir_given)
+
+    laptop = tmp_path / "laptop-ws"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LLAMAFLOW_WORKDIR", str(laptop))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    cfg = load_deploy_config(K8S_GPU)
+    assert not workdir_given(K8S_GPU)
+    made = {d.name: d for d in deployments(cfg, for_work_pools=True)}
+    assert made["nightly-evaluate"].job_variables == {}   # the template's env stays whole
+    assert made["requantize"].job_variables == {"env": {
+        "LLAMAFLOW_WORKDIR": str(laptop), "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}}
+    text = describe(cfg, for_work_pools=True)
+    assert "pool gpu (kubernetes) flow runs use its job template's environment: " \
+        "LLAMAFLOW_WORKDIR=/workspace" in text
+    assert f"flow runs use workspace {laptop} (LLAMAFLOW_WORKDIR)" in text   # the cpu pool
+    assert runs_here(cfg) and not runs_here(cfg, ["nightly-evaluate", "weekly-retrain"])
+    assert runs_here(cfg, ["nightly-evaluate"], work_pool="cpu")
+
+    given = K8S_GPU + ["workdir=/mnt/llamaflow"]
+    cfg = load_deploy_config(given)
+    assert workdir_given(given)
+    made = {d.name: d for d in deployments(cfg, for_work_pools=True, explicit_workdir=True)}
+    tpl = json.loads((REPO / "infra" / "k8s" / "gpu-base-job-template.json").read_text())
+    assert made["weekly-retrain"].job_variables == {
+        "env": {**template_env(tpl), "LLAMAFLOW_WORKDIR": "/mnt/llamaflow"}}
+    assert template_env(tpl)["HF_HOME"] == "/cache/huggingface"
+
+
+def test_deploy_to_kubernetes_only_needs_no_local_workspace(tmp_path, monkeypatch, capsys):
+    """`workdir=/workspace` is a path in the pods: deploying it from a laptop does not create or
+    check it here (without PREFECT_API_URL: the one-line reason, nothing made)."""
+    from pipelines.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    missing = tmp_path / "not-here" / "workspace"
+    assert main(["deploy", "nightly-evaluate", "--overrides", *K8S_GPU,
+                 f"workdir={missing}"]) == 2
+    assert "set PREFECT_API_URL" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("override, message", [

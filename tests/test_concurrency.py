@@ -9,11 +9,15 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
+
+from pipelines import locks
+from pipelines.artifacts import Store
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,28 +61,64 @@ def test_two_processes_creating_one_fresh_workspace_both_succeed(tmp_path):
         assert {out.split()[-1] for out, _ in outs} == {"1"}   # one experiment, the same
 
 
+def _read_lines(p: subprocess.Popen, lines: list[str], seen: threading.Event, pattern: str):
+    for line in p.stdout:
+        lines.append(line)
+        if re.search(pattern, line):
+            seen.set()
+
+
 def test_two_runs_started_together_compute_each_stage_once(tmp_path, shared_data):
+    """The test itself holds convert's key lock while both runs start, so that both must reach
+    it and wait (stories260k's stages take a second or two, less than a run's start-up): then
+    it lets go, and one computes convert while the other waits for it and takes the hit."""
+    cmd = lambda ws: _llamaflow("run", "recipe=stories260k", f"workdir={ws}",  # noqa: E731
+                                "stages=[download,convert]")
+    # convert's key, which names its lock: the same in every workspace (content-keyed inputs)
+    probe = subprocess.run(cmd(tmp_path / "probe"), cwd=REPO, env=_env(), capture_output=True,
+                           text=True, timeout=600)
+    assert probe.returncode == 0, probe.stdout[-3000:] + probe.stderr[-3000:]
+    key = next(r.data.tags["llamaflow.cache_key"] for r in _runs(tmp_path / "probe")
+               if r.data.tags.get("llamaflow.label") == "convert")
+
     ws = tmp_path / "ws"
-    cmd = _llamaflow("run", "recipe=stories260k", f"workdir={ws}", "stages=[download,convert]")
-    procs = [subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for _ in range(2)]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
+    waiting = rf"convert: waiting for pid {os.getpid()} on .*held by the test.*, which is " \
+        r"computing this stage"
+    with locks.hold(Store(ws / "artifacts").lock_path("convert", key), what="held by the test"):
+        procs = [subprocess.Popen(cmd(ws), cwd=REPO, env=_env(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+        outs: list[list[str]] = [[], []]
+        seen = [threading.Event(), threading.Event()]
+        readers = [threading.Thread(target=_read_lines, args=(p, out, ev, waiting), daemon=True)
+                   for p, out, ev in zip(procs, outs, seen)]
+        for r in readers:
+            r.start()
+        deadline = time.monotonic() + 600
+        while not all(ev.is_set() for ev in seen):
+            if time.monotonic() > deadline or any(p.poll() is not None and not ev.is_set()
+                                                   for p, ev in zip(procs, seen)):
+                for p in procs:
+                    p.kill()
+                pytest.fail("both runs should wait for the test's lock on convert:\n" +
+                            "\n---\n".join("".join(o[-40:]) for o in outs))
+            time.sleep(0.1)
+    for p, r in zip(procs, readers):
+        p.wait(timeout=600)
+        r.join()
     for p, out in zip(procs, outs):
-        assert p.returncode == 0, out[-4000:]
+        assert p.returncode == 0, "".join(out[-60:])
     runs = [r for r in _runs(ws) if "llamaflow.label" in r.data.tags]
     by_label: dict[str, list] = {}
     for r in runs:
         by_label.setdefault(r.data.tags["llamaflow.label"], []).append(r)
     assert set(by_label) == {"download", "convert"}
     for label, rs in by_label.items():
+        # each stage computed exactly once: one miss, the other run's hit
         assert sorted(r.data.tags["llamaflow.cache"] for r in rs) == ["hit", "miss"], label
         assert len({r.data.tags["llamaflow.artifact_digest"] for r in rs}) == 1, label
         assert all(r.info.status == "FINISHED" for r in rs)
-    waited = "\n".join(outs)
-    assert re.search(r"(download|convert): waiting for pid \d+ on .*, which is computing this "
-                     r"stage", waited), waited[-4000:]
-    assert sorted(p.name for p in (ws / "artifacts" / "convert").iterdir()) == \
-        [".locks", by_label["convert"][0].data.tags["llamaflow.cache_key"]]
+    assert by_label["convert"][0].data.tags["llamaflow.cache_key"] == key
+    assert sorted(p.name for p in (ws / "artifacts" / "convert").iterdir()) == [".locks", key]
 
 
 def _start_and_wait_for(ws: Path, pattern: str, *extra) -> tuple[subprocess.Popen, list[str]]:
@@ -109,6 +149,7 @@ def test_ctrl_c_during_pretrain_exits_within_seconds_keeping_the_checkpoint(tmp_
     # the demo recipe checkpoints pretrain every 10 steps
     p, lines = _start_and_wait_for(ws, r"step 12/")
     servers = _server_processes_of(p.pid)
+    assert servers, "no Prefect server among the run's child processes"
     os.killpg(p.pid, signal.SIGINT)
     t0 = time.monotonic()
     try:
@@ -118,7 +159,7 @@ def test_ctrl_c_during_pretrain_exits_within_seconds_keeping_the_checkpoint(tmp_
         pytest.fail("still running 60 s after Ctrl-C:\n" + "".join(lines[-30:]))
     took = time.monotonic() - t0
     assert took < 30, f"{took:.0f} s to exit after Ctrl-C:\n{rest[-3000:]}"
-    assert p.returncode != 0
+    assert p.returncode == 130, rest[-3000:]     # the shell's code for an interrupted command
     assert "Connection refused" not in rest and "All connection attempts failed" not in rest
     checkpoints = [f for f in (ws / "scratch" / "pretrain").rglob("*") if f.is_file()]
     assert checkpoints, "no checkpoint left to resume from"
@@ -131,6 +172,7 @@ def test_the_run_after_a_kill_9_ends_what_it_left_running(tmp_path, shared_data)
     ws = tmp_path / "ws"
     p, _ = _start_and_wait_for(ws, r"step 3/")
     servers = _server_processes_of(p.pid)
+    assert servers, "no Prefect server among the run's child processes"
     p.kill()
     p.wait()
     tmps = list((ws / "artifacts" / "pretrain").glob(".tmp-*"))

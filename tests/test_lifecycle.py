@@ -190,7 +190,9 @@ def test_multirun_gives_one_parent_run_per_combination_sharing_upstream(first, w
     assert main(["run", "-m", "recipe=demo", f"workdir={workdir}",
                  "stages=[download,convert]", "convert.dtype=float32,bfloat16"]) == 0
     out = capsys.readouterr().out
-    assert out.count("== multirun") == 2
+    # each member is announced as it starts and labels its own summary at the end
+    assert out.count("== multirun 1/2") == 2 and out.count("== multirun 2/2") == 2
+    assert out.count("  convert                ") == 2
     client = _client(workdir)
     exp = client.get_experiment_by_name("llamaflow").experiment_id
     parents = client.search_runs([exp], "tags.`llamaflow.overrides` LIKE '%convert.dtype=%'")

@@ -38,7 +38,8 @@ def test_sweep_expands_to_the_cartesian_product():
 
 
 def test_presigned_url_on_the_command_line_moves_to_the_environment(monkeypatch):
-    monkeypatch.delenv("LLAMAFLOW_SOURCE_URL", raising=False)
+    monkeypatch.setenv("LLAMAFLOW_SOURCE_URL", "")
+    monkeypatch.delenv("LLAMAFLOW_SOURCE_URL")
     url = "https://dobf1k6cxlizq.cloudfront.net/*?Policy=abc&Signature=SECRET&Key-Pair-Id=K"
     out = _hide_secrets([f"source.url={url}", "model=llama-7b"])
     assert out == ["source.url=null", "source.url_env=LLAMAFLOW_SOURCE_URL", "model=llama-7b"]
@@ -50,7 +51,8 @@ def test_presigned_url_on_the_command_line_moves_to_the_environment(monkeypatch)
 
 
 def test_a_quoted_presigned_url_is_caught_too(monkeypatch):
-    monkeypatch.delenv("LLAMAFLOW_SOURCE_URL", raising=False)
+    monkeypatch.setenv("LLAMAFLOW_SOURCE_URL", "")
+    monkeypatch.delenv("LLAMAFLOW_SOURCE_URL")
     out = _hide_secrets(["source.url='https://h.example/*?Policy=a=&Signature=SECRET'"])
     assert out == ["source.url=null", "source.url_env=LLAMAFLOW_SOURCE_URL"]
 
@@ -61,8 +63,11 @@ def test_other_spellings_of_a_secret_are_caught(monkeypatch):
     from pipelines.config import Problem
     from pipelines.tracking import redact
 
-    monkeypatch.delenv("LLAMAFLOW_SOURCE_URL", raising=False)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    # setenv first, so the variables _hide_secrets sets are undone after the test (delenv of an
+    # unset variable records nothing to restore)
+    for name in ("LLAMAFLOW_SOURCE_URL", "MLFLOW_TRACKING_URI"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     out = _hide_secrets(["++source.url=https://h.example/*?Signature=SECRET",
                          "tracking.tracking_uri=postgresql://mlflow:PASSWORD@db:5432/mlflow",
                          "tracking.tracking_uri=sqlite:////tmp/x.db"])

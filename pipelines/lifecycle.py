@@ -101,15 +101,13 @@ def lifecycle(overrides: list[str] | None = None, from_stage: str | None = None)
     _wrap_up(run, tracker, parent, log, everything=False)
     tracker.end_run(parent, "FINISHED")
     report = Path(run.results["report"]["artifact"]) if "report" in run.results else None
-    gates = report / "gates.json" if report is not None else None
     return {"mlflow_parent_run_id": parent, "workdir": str(workdir), "stages": run.results,
             "mlflow_run_url": tracker.run_url(parent), "mlflow_uri": redact(tracker.uri),
             # without a Prefect UI (the temporary server) Prefect builds "None/flow-runs/..."
             "prefect_flow_run_url": url if (url := runtime.flow_run.ui_url or "").startswith(
                 "http") else None,
             "report": str(report / "report.md") if report is not None else None,
-            "gates": json.loads(gates.read_text()) if gates is not None and gates.is_file()
-            else None}
+            "gates": _gates(run)}
 
 
 def _wrap_up(run: LifecycleRun, tracker: Tracker, parent: str, log, everything: bool) -> None:
@@ -231,12 +229,17 @@ def _publish_report(run: LifecycleRun, tracker: Tracker, parent: str) -> None:
                                  description="Every model x every eval set, quant table, gates")
 
 
-def _gates_passed(run: LifecycleRun) -> bool | None:
-    """The report's verdict: True/False, or None when no gate was checked or no report was made."""
+def _gates(run: LifecycleRun) -> dict | None:
+    """The report's gates.json (verdict and checks), or None when no report was made."""
     if "report" not in run.results:
         return None
     gates = Path(run.results["report"]["artifact"]) / "gates.json"
-    return json.loads(gates.read_text())["passed"] if gates.is_file() else None
+    return json.loads(gates.read_text()) if gates.is_file() else None
+
+
+def _gates_passed(run: LifecycleRun) -> bool | None:
+    """The report's verdict: True/False, or None when no gate was checked or no report was made."""
+    return (_gates(run) or {}).get("passed")
 
 
 REGISTRY_ALIAS_NEWEST = "candidate"      # the merged model of the newest run that made one

@@ -1,5 +1,5 @@
 """LoRA training throughput: a plain transformers + peft loop (the reference) vs llamaflow's
-training path (steps.training: add_lora + Trainer), on one model, in one run.
+training path (steps.train: add_lora + Trainer), on one model, in one run.
 
 GPU (the target): a LLaMA-7B-shaped model (hidden 4096, 32 layers, 32 heads, FFN 11008), random
 weights, vocab 49953 (Chinese-LLaMA), bf16, batch 8 x 512, the recipe's LoRA (r 8, alpha 32,
@@ -9,7 +9,7 @@ paths on the same machine).
 
 Variants (`--variants`, default reference,ours):
     reference           the plain loop below: bf16 everywhere (trainable copies too), AdamW
-    ours                steps.training.Trainer as the stages run it (single process)
+    ours                steps.train.loop.Trainer as the stages run it (single process)
     ours-fp32-residual  ours without the cast of the embedding output to the compute dtype
                         (autocast then carries an fp32 residual stream): why that cast exists
     ours-compile        ours with torch_compile=true
@@ -110,7 +110,7 @@ def run_reference(args, device) -> dict:
 
 
 def run_ours(args, device) -> dict:
-    """steps.training: fp32 trainable tensors under bf16 autocast (the embedding output cast to
+    """steps.train: fp32 trainable tensors under bf16 autocast (the embedding output cast to
     bf16), fused AdamW on CUDA, SDPA, packed blocks (no padding), optionally torch.compile or
     FSDP2; the same loop the stages run."""
     import tempfile
@@ -118,7 +118,9 @@ def run_ours(args, device) -> dict:
     import torch
 
     from steps import pretrain
-    from steps.training import Dist, Trainer, add_lora
+    from steps.train.loop import Trainer
+    from steps.train.model import add_lora
+    from steps.train.parallel import Dist
     fsdp = args.variant == "ours-fsdp"
     dist = Dist("nccl" if device.type == "cuda" else "gloo", group_always=fsdp)
     model = build_model(args, device)

@@ -6,6 +6,8 @@
                                                             checkpoint stays for `run recipe=demo`
     llamaflow config [--check] [overrides...]               print the resolved config, or
                                                             check it (every stage, its files)
+    llamaflow config --help-stage STAGE | --write-defaults  a stage's keys, defaults and meaning;
+                                                            the generated conf/ files from them
     llamaflow ui [--workdir DIR] [--port N]                 the MLflow UI on the workspace database
     llamaflow verify [--workdir DIR] [STAGE...]             re-hash every artifact against its manifest
     llamaflow serve | deploy                                Prefect deployments with schedules
@@ -18,7 +20,8 @@ import re
 import sys
 from pathlib import Path
 
-from pipelines.config import STAGES, ConfigError
+from pipelines.config import ConfigError
+from pipelines.stages import declared, stage_order, task_names
 
 # `source.url=https://...` or, quoted as Hydra needs when the URL holds `=`, `source.url='https://...'`
 # (with Hydra's + or ++ in front too); and `tracking.tracking_uri=scheme://user:password@...`.
@@ -180,6 +183,8 @@ def cmd_demo(args) -> int:
 def cmd_config(args) -> int:
     from pipelines.config import load_config, to_yaml
 
+    if args.help_stage or args.write_defaults:
+        return _stage_defaults(args.help_stage, args.write_defaults)
     overrides = _hide_secrets(args.overrides)
     if args.check:  # what `llamaflow run` checks before any work, without running
         from pipelines.validate import check
@@ -191,15 +196,40 @@ def cmd_config(args) -> int:
     return 0
 
 
+def _stage_defaults(help_stage: str | None, write: bool) -> int:
+    """--help-stage: a stage's keys with their defaults and meaning; --write-defaults: regenerate
+    conf/<stage>/default.yaml and the group options written from a model (conf/source/<kind>.yaml,
+    conf/launcher/single.yaml) from the stages' models (pipelines/defaults.py)."""
+    from pipelines import defaults
+    from pipelines.config import suggest
+    from pipelines.stages import task_names
+
+    if help_stage is not None:
+        names = task_names()
+        if help_stage not in names:
+            print(f"llamaflow config: no stage {help_stage!r}{suggest(help_stage, names)} (the "
+                  f"stages: {', '.join(names)})", file=sys.stderr)
+            return 2
+        print(defaults.describe(help_stage))
+    if write:
+        written = defaults.write()
+        for path in written:
+            print(f"wrote {path}")
+        if not written:
+            print("every generated conf/ file is already what its Config gives")
+    return 0
+
+
 def cmd_verify(args) -> int:
     """Every artifact (of the given stages) re-hashed against its manifest: each damaged one
     named with its files, exit 1 if any is."""
     from pipelines.artifacts import Store
 
-    unknown = [s for s in args.stages if s not in STAGES]
+    order, tasks = stage_order(), task_names()
+    unknown = [s for s in args.stages if s not in tasks]
     if unknown:
         print(f"llamaflow verify: unknown stage(s) {', '.join(unknown)} (the stages: "
-              f"{', '.join(STAGES)})", file=sys.stderr)
+              f"{', '.join(tasks)})", file=sys.stderr)
         return 2
     store = Store(Path(args.workdir).expanduser().resolve() / "artifacts")
     arts = [a for stage in (args.stages or [None]) for a in store.artifacts(stage)]
@@ -213,7 +243,10 @@ def cmd_verify(args) -> int:
             print(f"DAMAGED {a.stage} {a.path}: {', '.join(what)}", flush=True)
     print(f"{len(arts)} artifact(s) in {store.root} checked, {len(damaged)} damaged")
     if damaged:
-        stages = sorted({a.stage for a in damaged}, key=STAGES.index)
+        # force names the stage a part runs in (a damaged report: force=[evaluate])
+        forced = {declared(a.stage).part_of or a.stage if a.stage in tasks else a.stage
+                  for a in damaged}
+        stages = sorted(forced, key=lambda s: order.index(s) if s in order else len(order))
         print(f"recompute them with `llamaflow run force=[{','.join(stages)}]` (the same "
               "overrides as the run that made them)")
     return 1 if damaged else 0
@@ -279,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="run the lifecycle with Hydra overrides")
-    r.add_argument("--from", dest="from_stage", choices=STAGES,
+    r.add_argument("--from", dest="from_stage", choices=stage_order(),
                    help="recompute this stage and all after it; upstream comes from the cache")
     r.add_argument("-m", "--multirun", action="store_true",
                    help="a=1,2 b=x,y → one lifecycle run per combination (shared upstream cache)")
@@ -290,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--http", action="store_true",
                    help="download the checkpoint from a 127.0.0.1 HTTP server (a url source, as "
                         "Meta's presigned URLs are) instead of reading the folder")
-    d.add_argument("--from", dest="from_stage", choices=STAGES,
+    d.add_argument("--from", dest="from_stage", choices=stage_order(),
                    help="recompute this stage and all after it; upstream comes from the cache")
     d.add_argument("-m", "--multirun", action="store_true",
                    help="a=1,2 b=x,y → one lifecycle run per combination (shared upstream cache)")
@@ -298,8 +331,13 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("config", help="print the resolved config (--check: validate it)")
     c.add_argument("--check", action="store_true",
                    help="check every stage's config and files as `run` does; exit 2 on problems")
-    c.add_argument("--from", dest="from_stage", choices=STAGES,
+    c.add_argument("--from", dest="from_stage", choices=stage_order(),
                    help="with --check: the stages a `run --from STAGE` would check")
+    c.add_argument("--help-stage", metavar="STAGE",
+                   help="every key of a stage's section: its default, type and what it does")
+    c.add_argument("--write-defaults", action="store_true",
+                   help="regenerate conf/<stage>/default.yaml, conf/source/<kind>.yaml and "
+                        "conf/launcher/single.yaml from the stages' models")
     c.add_argument("overrides", nargs="*")
     u = sub.add_parser("ui", help="MLflow UI on the workspace database")
     u.add_argument("--workdir", default=os.environ.get("LLAMAFLOW_WORKDIR", "workspace"))

@@ -6,6 +6,7 @@ Prefect deployment run and a test all go through this one function.
 from __future__ import annotations
 
 import difflib
+import functools
 import itertools
 import os
 import re
@@ -18,7 +19,6 @@ from hydra.errors import HydraException
 from omegaconf import OmegaConf
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ["download", "convert", "vocab", "pretrain", "sft", "merge", "quantize", "evaluate"]
 CONF_DIR = Path(os.environ.get("LLAMAFLOW_CONF_DIR", REPO / "conf"))
 
 
@@ -34,6 +34,16 @@ def _register_resolvers() -> None:
         OmegaConf.register_new_resolver("repo", lambda p="": str(REPO / p))
     if not OmegaConf.has_resolver("shared_data"):
         OmegaConf.register_new_resolver("shared_data", lambda p="": str(shared_data_dir() / p))
+    # ${all_stages:}: config.yaml's `stages` default, every stage in order (pipelines/stages.py
+    # reads them from the defaults list), so the list is written once
+    if not OmegaConf.has_resolver("all_stages"):
+        OmegaConf.register_new_resolver("all_stages", _all_stages)
+
+
+def _all_stages() -> list[str]:
+    from pipelines.stages import stage_order  # here: pipelines.stages reads this module's CONF_DIR
+
+    return stage_order()
 
 
 class Problem(NamedTuple):
@@ -169,6 +179,17 @@ def compose_config(overrides: list[str] | tuple[str, ...] = (), config_name: str
     if problems and not collect:
         raise ConfigError(problems)
     return cfg
+
+
+def top_level_keys() -> frozenset[str]:
+    """The top-level keys of the default config (any other is unknown)."""
+    return _top_level_keys(CONF_DIR)
+
+
+@functools.lru_cache(maxsize=4)
+def _top_level_keys(conf_dir: Path) -> frozenset[str]:
+    # keyed on conf_dir: another conf/ (a copy with one more stage) has other keys
+    return frozenset(compose_config([]))
 
 
 def load_config(overrides: list[str] | tuple[str, ...] = (), config_name: str = "config") -> dict:

@@ -59,8 +59,9 @@ def _check(cfg: dict) -> None:
     """Clear errors for a bad deploy config, before anything talks to the server."""
     from prefect.schedules import validate_cron_string
 
-    from pipelines.runner import STAGES
+    from pipelines.stages import stage_order
 
+    stages = stage_order()
     pools = cfg.get("pools") or {}
     if not isinstance(cfg.get("workdir"), str) or not cfg["workdir"]:
         raise ValueError("conf/deploy/default.yaml: workdir must be a path (the workspace every "
@@ -84,8 +85,8 @@ def _check(cfg: dict) -> None:
                 validate_cron_string(d["cron"])
             except ValueError as e:
                 raise ValueError(f"{where}.cron={d['cron']!r}: {e}") from e
-        if d.get("from_stage") is not None and d["from_stage"] not in STAGES:
-            raise ValueError(f"{where}.from_stage={d['from_stage']!r}: the stages are {STAGES}")
+        if d.get("from_stage") is not None and d["from_stage"] not in stages:
+            raise ValueError(f"{where}.from_stage={d['from_stage']!r}: the stages are {stages}")
         if not isinstance(d.get("overrides") or [], list) or \
                 not all(isinstance(o, str) for o in d.get("overrides") or []):
             raise ValueError(f"{where}.overrides must be a list of Hydra override strings")

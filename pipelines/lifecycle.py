@@ -1,8 +1,10 @@
 """The whole LLaMA lifecycle as one Prefect flow: a short list of stage calls.
 
 Each `run.stage(...)` is a cached, tracked Prefect task (pipelines/runner.py); the step that
-does the work is `steps/<stage>.py`. To add a stage: write steps/<name>.py (the stage protocol in
-steps/__init__.py), conf/<name>/default.yaml, add the name to runner.STAGES, and call it here.
+does the work is `steps/<stage>.py`. To add a stage: write steps/<name>.py (the stage protocol
+in steps/__init__.py, its STAGE included), add its line to conf/config.yaml's `defaults:`
+(where it runs in the order) and generate conf/<name>/default.yaml from its Config with
+`llamaflow config --write-defaults`, and call it here: one line.
 """
 from __future__ import annotations
 
@@ -44,8 +46,8 @@ def lifecycle_steps(run: LifecycleRun) -> None:
         name: run.stage("evaluate", label=f"evaluate[{name}]", model=model, adapters=adapters)
         for name, (model, adapters) in candidates.items()
         if name in wanted or (name.startswith("gguf-") and "gguf" in wanted)}
-    run.stage("report", group="evaluate", evaluations=evaluations,
-              training={"pretrain": pt, "sft": sft}, quantized=ggufs)
+    run.stage("report", evaluations=evaluations, training={"pretrain": pt, "sft": sft},
+              quantized=ggufs)
 
 
 @flow(name="lifecycle")

@@ -31,15 +31,10 @@ from typing import Any, NamedTuple
 
 import pydantic
 
-from pipelines.config import (NO_VALUE, STAGES, ConfigError, Problem, compose_config,
-                              suggest)
+from pipelines.config import (NO_VALUE, ConfigError, Problem, compose_config, suggest,
+                              top_level_keys)
+from pipelines.stages import declared, parts_of, stage_order, task_names
 
-# Keys under a stage's section that steer the flow rather than the step (e.g. which quant types
-# to make); they are not passed to the step's Config.
-FLOW_KEYS = {"quantize": {"types"}, "evaluate": {"models"}}
-# What evaluate.models may name (lifecycle_steps' candidates; gguf = every quant type).
-EVAL_MODELS = ("base", "base-zh", "base-zh+pt", "merged", "gguf")
-TASKS = STAGES + ["report"]   # task names, as conf `retries` keys them
 # SentencePiece's default max_sentencepiece_length: no piece the vocab stage trains is longer.
 SP_MAX_PIECE = 16
 # A corpus the vocab stage trains on that is at most this big is trained here too, to count the
@@ -52,7 +47,7 @@ RETRAIN_MAX_BYTES = 256 << 10
 class Plan(NamedTuple):
     selected: list[str]     # stages that run (the others up to `last` come from the cache)
     force: set[str]         # stages recomputed even on a cache hit
-    last: int               # index in STAGES of the last selected stage (-1: none)
+    last: int               # index in stage_order() of the last selected stage (-1: none)
 
 
 def stage_names(value, key: str, problems: list[Problem]) -> list[str]:
@@ -65,30 +60,32 @@ def stage_names(value, key: str, problems: list[Problem]) -> list[str]:
     if not isinstance(value, (list, tuple)):
         problems.append(Problem(key, value, f"a list of stages, e.g. {key}=[quantize,evaluate]"))
         return []
+    order = stage_order()
     for v in value:
-        if v not in STAGES:
-            problems.append(Problem(key, v, f"unknown stage{suggest(v, STAGES)} (the stages: "
-                                            f"{', '.join(STAGES)}; several: {key}=[a,b])"))
-    return [v for v in value if v in STAGES]
+        if v not in order:
+            problems.append(Problem(key, v, f"unknown stage{suggest(v, order)} (the stages: "
+                                            f"{', '.join(order)}; several: {key}=[a,b])"))
+    return [v for v in value if v in order]
 
 
 def _plan(cfg: dict, from_stage: str | None, problems: list[Problem]) -> Plan:
-    wanted = stage_names(cfg.get("stages", STAGES), "stages", problems)
+    order = stage_order()
+    wanted = stage_names(cfg.get("stages", order), "stages", problems)
     force = set(stage_names(cfg.get("force", []), "force", problems))
-    selected = [s for s in STAGES if s in wanted]
+    selected = [s for s in order if s in wanted]
     if from_stage is not None:
-        if from_stage not in STAGES:
-            problems.append(Problem("--from", from_stage, f"unknown stage{suggest(from_stage, STAGES)}"
-                                                          f" (the stages: {', '.join(STAGES)})"))
+        if from_stage not in order:
+            problems.append(Problem("--from", from_stage, f"unknown stage{suggest(from_stage, order)}"
+                                                          f" (the stages: {', '.join(order)})"))
         else:
-            i = STAGES.index(from_stage)
-            selected = [s for s in selected if STAGES.index(s) >= i]
-            force |= set(STAGES[i:])   # "rerun from X": X and everything after it recompute
-    last = max((STAGES.index(s) for s in selected), default=-1)
+            i = order.index(from_stage)
+            selected = [s for s in selected if order.index(s) >= i]
+            force |= set(order[i:])   # "rerun from X": X and everything after it recompute
+    last = max((order.index(s) for s in selected), default=-1)
     # A forced stage upstream of the last selected one is recomputed, so it runs, whether or not
     # `stages` names it (`force=[merge] stages=[quantize]`: merge, then quantize on its output);
     # one downstream of it does not extend the run.
-    selected = [s for s in STAGES if s in selected or (s in force and STAGES.index(s) <= last)]
+    selected = [s for s in order if s in selected or (s in force and order.index(s) <= last)]
     return Plan(selected, force, last)
 
 
@@ -104,17 +101,24 @@ def plan(cfg: dict, from_stage: str | None = None) -> Plan:
 # ----------------------------------------------------------------------------- one stage
 
 def dotted(name: str, key: str) -> str:
-    """A key of stage `name`'s Config as the config spells it: download's Config also holds
-    the top-level `source` section."""
-    return key if name == "download" and key.split(".")[0] == "source" else f"{name}.{key}"
+    """A key of stage `name`'s Config as the config spells it: a key in one of the top-level
+    sections the Config also holds (download's `source`) is that section's."""
+    return key if key.split(".")[0] in declared(name).global_sections else f"{name}.{key}"
+
+
+def flow_keys(name: str) -> set[str]:
+    """Keys under stage `name`'s section that steer the flow rather than the step (e.g. which
+    quant types to make); they are not passed to the step's Config."""
+    flow = declared(name).flow
+    return set(flow.model_fields) if flow is not None else set()
 
 
 def stage_section(cfg: dict, name: str, extra: dict | None = None) -> dict:
     """The dict a stage's Config is made from (a plain JSON copy)."""
-    section = {k: v for k, v in (cfg.get(name) or {}).items() if k not in FLOW_KEYS.get(name, ())}
+    section = {k: v for k, v in (cfg.get(name) or {}).items() if k not in flow_keys(name)}
     section.update(extra or {})
-    if name == "download":
-        section = {**section, "source": cfg.get("source")}
+    for shared in declared(name).global_sections:
+        section = {**section, shared: cfg.get(shared)}
     return json.loads(json.dumps(section))
 
 
@@ -324,9 +328,9 @@ def _has_text(path: Path) -> bool:
 
 def _data_files(key: str, value, suffixes: tuple[str, ...], problems: list[Problem],
                 need_text: bool = True) -> list[Path]:
-    """Files and directories expanded as the steps expand them (training.data_files), each
-    readable and, with need_text, not empty."""
-    from steps.training import data_files
+    """Files and directories expanded as the steps expand them (steps.files.data_files),
+    each readable and, with need_text, not empty."""
+    from steps.files import data_files
 
     values = value if isinstance(value, list) else [value]
     try:
@@ -616,7 +620,7 @@ def _merged_counter(base_tok: Path, vocab_config):
     corpus = vocab_config.corpus
     if corpus is None:
         return None
-    from steps.training import data_files
+    from steps.files import data_files
 
     try:
         files = data_files(corpus if isinstance(corpus, list) else [corpus], (".txt", ".jsonl"),
@@ -677,6 +681,13 @@ def _merged_sp(base: str, extra: str | None, corpus: tuple[str, ...] | None, voc
 
 # ----------------------------------------------------------------------------- the whole run
 
+def eval_models() -> list[str]:
+    """What evaluate.models may name: the lifecycle's models (lifecycle_steps' candidates; gguf =
+    every quant type), which is what evaluate's FlowKeys.models evaluates by default. Read when
+    needed: steps.evaluate imports no torch, but more than this module needs to start."""
+    return list(declared("evaluate").flow.model_fields["models"].default)
+
+
 def workdir_problem(path, create: bool = False) -> Problem | None:
     """The workspace must be creatable and writable (MLflow's database, Prefect's home and every
     artifact live there). create=True makes it (the CLI, before Prefect starts); otherwise a
@@ -702,25 +713,21 @@ def workdir_problem(path, create: bool = False) -> Problem | None:
     return None
 
 
-@functools.lru_cache(maxsize=1)
-def _top_keys() -> frozenset[str]:
-    return frozenset(compose_config([]))
-
-
 def _top_problems(cfg: dict, problems: list[Problem]) -> None:
-    known = _top_keys()
+    known = top_level_keys()
     for k in cfg:
         if k not in known:
             problems.append(Problem(k, cfg[k], "unknown key" + (suggest(k, known) or
                                     f"; the top-level keys: {', '.join(sorted(known))}")))
+    tasks = task_names()   # as conf `retries` keys them
     for k, v in (cfg.get("retries") or {}).items():
-        if k not in TASKS:
-            problems.append(Problem(f"retries.{k}", v, f"no such stage{suggest(k, TASKS, 'retries.')}"))
+        if k not in tasks:
+            problems.append(Problem(f"retries.{k}", v, f"no such stage{suggest(k, tasks, 'retries.')}"))
         elif not isinstance(v, int) or isinstance(v, bool) or v < 0:
             problems.append(Problem(f"retries.{k}", v, "a number of retries >= 0"))
     models = (cfg.get("evaluate") or {}).get("models")
     if models is not None:
-        allowed = list(EVAL_MODELS) + [f"gguf-{q}" for q in (cfg.get("quantize") or {}).get("types") or []]
+        allowed = eval_models() + [f"gguf-{q}" for q in (cfg.get("quantize") or {}).get("types") or []]
         for m in models if isinstance(models, list) else [models]:
             if m not in allowed:
                 problems.append(Problem("evaluate.models", m, f"not a model of the lifecycle"
@@ -752,20 +759,21 @@ def validate(cfg: dict, from_stage: str | None = None, *, check_files: bool = Tr
     before = len(problems)
     p = _plan(cfg, from_stage, problems)
     # a misspelled stage list says nothing of what runs: check them all, to show every problem
-    last = len(STAGES) - 1 if len(problems) > before else p.last
+    order = stage_order()
+    last = len(order) - 1 if len(problems) > before else p.last
     checked: list[str] = []
     configs: dict[str, Any] = {}
-    for name in STAGES[:last + 1]:
+    for name in order[:last + 1]:
         if name == "quantize":
             configs[name] = _check_stage(cfg, name, {"qtype": "f16"}, problems, check_files)
             good = _quantize_problems((cfg.get("quantize") or {}).get("types", []), problems)
             checked += ["quantize[f16]"] + [f"quantize[{q}]" for q in good]
-            continue
-        configs[name] = _check_stage(cfg, name, None, problems, check_files)
-        checked.append(name)
-        if name == "evaluate":
-            configs["report"] = _check_stage(cfg, "report", None, problems, check_files)
-            checked.append("report")
+        else:
+            configs[name] = _check_stage(cfg, name, None, problems, check_files)
+            checked.append(name)
+        for part in parts_of(name):   # report, with evaluate
+            configs[part] = _check_stage(cfg, part, None, problems, check_files)
+            checked.append(part)
     ev = configs.get("evaluate")
     if ev is not None and check_files:
         _eval_token_problems(cfg, ev, configs.get("vocab"), problems)

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from steps.tokenizer import carries_tokenizer
+
 
 class VocabMismatch(ValueError):
     """Tokenizer size, embedding rows and adapter shapes disagree."""
@@ -104,8 +106,7 @@ def check_adapter(adapter_dir: Path, base_rows: int) -> int:
     if len(rows) > 1:
         raise VocabMismatch(f"{adapter_dir}: embed_tokens and lm_head disagree in rows: {shapes}")
     adapter_rows = rows.pop() if rows else base_rows
-    tok_len, _ = tokenizer_size(adapter_dir) if any(
-        (adapter_dir / f).is_file() for f in ("tokenizer.json", "tokenizer.model")) else (adapter_rows, None)
+    tok_len, _ = tokenizer_size(adapter_dir) if carries_tokenizer(adapter_dir) else (adapter_rows, None)
     if tok_len > adapter_rows:
         raise VocabMismatch(
             f"{adapter_dir}: its tokenizer has {tok_len} tokens but its saved embeddings have "

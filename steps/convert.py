@@ -1,8 +1,9 @@
 """convert: Meta `consolidated.NN.pth` → Hugging Face LlamaForCausalLM, numerically exact.
 
 transformers 5 no longer ships convert_llama_weights_to_hf.py; the old script also loaded every
-shard fully, wrote the model twice and needed ~2x the model in RAM (pain point P4). This one maps
-the shards (torch.load(mmap=True, weights_only=True): they are untrusted pickles) and streams:
+shard fully, wrote the model twice and needed ~2x the model in RAM (docs/recipe.md, "Conversion
+must not hold the checkpoint in memory"). This one maps the shards (torch.load(mmap=True,
+weights_only=True): they are untrusted pickles) and streams:
 for each output tensor it concatenates the model-parallel pieces along the right dim, permutes
 q/k into HF's rotary order, casts, and appends the bytes to a pre-planned safetensors shard.
 Each tensor's mapped pages are dropped (madvise DONTNEED) once written, or, where madvise is
@@ -21,6 +22,7 @@ from typing import Literal
 
 import pydantic
 
+from steps import Stage
 from steps.meta import (MetaFormatError, MetaParams, meta_to_hf_name, permute, read_checklist,
                         shard_dim)
 from steps.safetensors_io import StreamingSafetensorsWriter, read_header
@@ -28,15 +30,22 @@ from steps.safetensors_io import StreamingSafetensorsWriter, read_header
 log = logging.getLogger(__name__)
 
 VERSION = "2"
+STAGE = Stage()
 DATA_FIELDS: tuple[str, ...] = ()
 DTYPES = ("bfloat16", "float16", "float32")
 
 
 class Config(pydantic.BaseModel):
+    """convert stage: Meta consolidated.NN.pth → Hugging Face safetensors."""
     model_config = pydantic.ConfigDict(extra="forbid")
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"   # output weight dtype
-    max_shard_size: str = "2GB"       # HF output shard size
-    context_length: int | None = None  # max_position_embeddings; null: 2048
+    dtype: Literal["bfloat16", "float16", "float32"] = pydantic.Field(
+        "bfloat16", description="output weight dtype: bfloat16 | float16 | float32 (Meta's "
+                                "LLaMA-1 release is fp16)")
+    max_shard_size: str = pydantic.Field("2GB", description="HF output shard size")
+    context_length: int | None = pydantic.Field(
+        None, description="max_position_embeddings (not in params.json); null: 2048. The "
+                          "lifecycle gives the model's own (conf/model/)",
+        json_schema_extra={"conf": "${model.context_length}"})
 
 
 def _shard_files(meta_dir: Path) -> list[Path]:
@@ -137,7 +146,8 @@ def plan(meta_dir: Path) -> tuple[MetaParams, list[Path], int, dict[str, tuple[i
                               "folder; the download stage puts it into the same folder")
     sp = spm.SentencePieceProcessor(model_file=str(tok))
     if (sp.unk_id(), sp.bos_id(), sp.eos_id()) != (0, 1, 2):
-        # P13: early third-party conversions with bos/eos 0 never stopped generating.
+        # Early third-party conversions with bos/eos 0 never stopped generating (docs/recipe.md,
+        # "Special token ids must be LLaMA's").
         raise MetaFormatError(f"{tok}: unk/bos/eos ids are {sp.unk_id()}/{sp.bos_id()}/"
                               f"{sp.eos_id()}, LLaMA's are 0/1/2")
     shards = _load(files)
@@ -157,7 +167,7 @@ def plan(meta_dir: Path) -> tuple[MetaParams, list[Path], int, dict[str, tuple[i
                                   f"tok_embeddings has {vocab} rows")
         if sp.get_piece_size() > vocab:
             raise MetaFormatError(f"{tok} has {sp.get_piece_size()} pieces but the embedding only "
-                                  f"{vocab} rows: this is not the tokenizer of this checkpoint (P9)")
+                                  f"{vocab} rows: this is not the tokenizer of this checkpoint")
         expected = params.shapes(vocab)
         for name, shape in expected.items():
             if name not in names:
@@ -272,8 +282,9 @@ def run(config: Config, out_dir: Path, *, on_metrics=None, meta: Path) -> dict:
 
 
 def _special_ids(model_dir: Path) -> dict[str, int]:
-    """unk/bos/eos as the converted tokenizer and config.json see them; LLaMA's are 0/1/2 (P13:
-    a conversion with bos/eos 0 gives a model that never stops generating)."""
+    """unk/bos/eos as the converted tokenizer and config.json see them; LLaMA's are 0/1/2 (a
+    conversion with bos/eos 0 gives a model that never stops generating: docs/recipe.md, "Special
+    token ids must be LLaMA's")."""
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(model_dir))

@@ -42,10 +42,13 @@ from typing import Annotated, Callable, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_serializer, model_validator
 from tqdm import tqdm
 
-from steps import MetricsCallback
+from steps import MetricsCallback, Stage
 from steps.meta import MetaFormatError, looks_like_markup, read_checklist
 
 VERSION = "1"
+# Files are fetched into scratch and checked there, so a retried or rerun stage fetches only
+# what is missing; Config takes the top-level `source` section (a conf/source/ option).
+STAGE = Stage(resumable=True, global_sections=("source",))
 log = logging.getLogger(__name__)
 
 CHECKLIST = "checklist.chk"                      # md5 of consolidated.*.pth and params.json
@@ -117,18 +120,36 @@ class _Source(BaseModel):
 
 
 class LocalSource(_Source):
+    """A folder Meta's download.sh filled: tokenizer.model + tokenizer_checklist.chk at the top,
+    <model_dir>/consolidated.NN.pth, params.json, checklist.chk below (a flat folder also works)."""
     kind: Literal["local"]
-    path: str               # the download root (Meta: the folder holding tokenizer.model and 7B/)
-    model_dir: str = ""     # subfolder with consolidated.*.pth, params.json, checklist.chk
-    hardlink: bool = False  # link instead of copy (same filesystem only; falls back to copying)
+    path: str = Field(description="the download root, e.g. /data/llama (the folder holding "
+                                  "tokenizer.model and 7B/)")
+    model_dir: str = Field("", description=(
+        "subfolder with consolidated.*.pth, params.json, checklist.chk: \"7B\", \"llama-2-7b\", "
+        "...; \"\" when path is the model folder itself"),
+        json_schema_extra={"conf": "${model.meta_dir}"})
+    hardlink: bool = Field(False, description="link instead of copying (same filesystem only; "
+                                              "falls back to a copy)")
 
 
 class UrlSource(_Source):
+    """Meta's download layout over HTTP(S): the presigned URL from Meta's email (with its `*`,
+    which is replaced by each relative path, as download.sh does) or a plain base URL.
+    Keep the signed URL out of configs: `export LLAMA_PRESIGNED_URL='https://...*?Policy=...'`.
+    Logs, errors, progress bars and metrics only ever show it without its query string."""
     kind: Literal["url"]
-    url: SecretStr | None = None  # presigned URL with `*`, or a base URL; wins over url_env
-    url_env: str | None = None    # NAME of the environment variable holding the URL (preferred)
-    n_shards: int = Field(ge=1)   # consolidated.00.pth .. consolidated.{n_shards-1:02d}.pth
-    model_dir: str = ""           # e.g. "7B" or "llama-2-7b"; tokenizer files live at the base root
+    url_env: str | None = Field(None, description=(
+        "NAME of the environment variable holding the URL (preferred: it keeps the signature out "
+        "of configs)"), json_schema_extra={"conf": "LLAMA_PRESIGNED_URL"})
+    url: SecretStr | None = Field(None, description=(
+        "or the URL itself, wins over url_env: the presigned URL with `*`, or a base URL (e.g. a "
+        "loopback demo server)"))
+    n_shards: int = Field(ge=1, description="consolidated.00.pth .. consolidated.{n_shards-1}.pth",
+                          json_schema_extra={"conf": "${model.n_shards}"})
+    model_dir: str = Field("", description=(
+        "the model's folder under the base (\"7B\", \"llama-2-7b\"); the tokenizer files sit at "
+        "the base"), json_schema_extra={"conf": "${model.meta_dir}"})
 
     @model_validator(mode="after")
     def _some_url(self):
@@ -154,18 +175,26 @@ class UrlSource(_Source):
 
 
 class HfSource(_Source):
+    """A Hugging Face Hub repo holding Meta's original files (e.g. meta-llama/Llama-2-7b; repos
+    that keep them in a folder, such as Llama 3's "original/", need `subfolder`). The token comes
+    from the HF_TOKEN environment variable only; hub sha256s (LFS) and blob ids are verified."""
     kind: Literal["hf"]
-    repo_id: str
-    revision: str                   # pin a commit sha; a branch or tag is resolved and logged
-    allow_patterns: list[str] = list(HF_DEFAULT_PATTERNS)  # matched against paths under subfolder
-    subfolder: str = ""             # e.g. "original" for repos keeping Meta's files in a folder
+    repo_id: str = Field(description="e.g. meta-llama/Llama-2-7b")
+    revision: str = Field(description="pin a 40-hex commit sha; a branch or tag works, resolved "
+                                      "and logged as unpinned")
+    subfolder: str = Field("", description="e.g. \"original\" for repos keeping Meta's files "
+                                           "in a folder")
+    allow_patterns: list[str] = Field(list(HF_DEFAULT_PATTERNS),
+                                      description="matched against paths under subfolder")
 
 
 class Llama2cSource(_Source):
+    """A llama2.c legacy .bin checkpoint and the SentencePiece tokenizer.model it was trained
+    with, imported into Meta's layout by steps/llama2c.py."""
     kind: Literal["llama2c"]
-    bin_path: str                   # llama2.c legacy (version 0) float32 export
-    tokenizer_model: str            # the SentencePiece model it was trained with
-    norm_eps: float = 1e-5          # llama2.c's default; not stored in the .bin
+    bin_path: str = Field(description="llama2.c legacy (version 0) float32 export")
+    tokenizer_model: str = Field(description="the SentencePiece model it was trained with")
+    norm_eps: float = Field(1e-5, description="llama2.c's default; not stored in the .bin")
 
 
 Source = Annotated[Union[LocalSource, UrlSource, HfSource, Llama2cSource],
@@ -173,11 +202,16 @@ Source = Annotated[Union[LocalSource, UrlSource, HfSource, Llama2cSource],
 
 
 class Config(BaseModel):
+    """download stage: fetch the source checkpoint (the top-level `source` section, a conf/source/
+    option) into a flat Meta layout and verify it (md5 against checklist.chk /
+    tokenizer_checklist.chk, sha256 where the hub gives one)."""
     model_config = ConfigDict(extra="forbid")
     source: Source
-    workers: int = Field(4, ge=1)   # files fetched in parallel
-    retries: int = Field(3, ge=0)   # per file, on transient errors; progress resets the count
-    verify: bool = True             # False skips only the hashing; layout/markup/params checks stay
+    workers: int = Field(4, ge=1, description="files fetched in parallel")
+    retries: int = Field(3, ge=0, description="per file, on connection errors / 5xx / 429, "
+                                              "backoff 0.5 s doubling; progress resets it")
+    verify: bool = Field(True, description="false skips only the hashing; the layout, "
+                                           "params.json and HTML-page checks stay")
 
 
 # Dotted paths into Config naming user files (hashed into the cache key); a path the active source
@@ -430,73 +464,102 @@ def _materialize(names: list[str], fetch: Fetch, dest: Path, *, workers: int, di
     then reported. `extra` adds digests not in the lists (the hub's); `expect_listed` are names
     the checklists must cover (the shards the source will fetch). `stop` is set when one file
     fails, so that transfers in flight give up."""
-    def check_list(path: Path) -> None:
-        for algo, digest, where in (extra or {}).get(path.name, []):
-            actual = file_digests(path, [algo])[algo]
-            if actual != digest:
-                raise ChecksumError(path, algo, digest, actual, where)
-        parse_checksums(path)
-
     lists = [n for n in names if n in (CHECKLIST, TOKENIZER_CHECKLIST)]
     for chk in lists:
-        target = dest / chk
-        if target.is_file():
-            try:
-                check_list(target)
-                continue
-            except VerificationError as e:
-                log.warning("%s; fetching it again", e)
-                os.replace(target, _corrupt(target))
-        fetch(chk, target, True)
-        stats.add(fetched=1, fetched_bytes=target.stat().st_size)
-        try:
-            check_list(target)
-        except VerificationError:
-            os.replace(target, _corrupt(target))
-            raise
+        _fetch_checksum_list(dest / chk, fetch, extra or {}, stats)
+    expected = _expected_for(names, dest, lists, extra or {}, expect_listed or [])
 
+    def one(name: str) -> None:
+        if stop.is_set():
+            raise _Stopped
+        fetched = _fetch_checked(name, dest / name, fetch, expected.get(name, []), digests, stats)
+        if fetched and on_file is not None:   # progress counts transfers, not files kept
+            on_file(name)
+
+    _in_parallel(one, [n for n in names if n not in lists], workers, stop)
+    _check_layout(dest, expected)
+
+
+def _check_checksum_list(path: Path, extra: Expected) -> None:
+    """A checksum list matches the digest the hub gives for it (if any) and parses."""
+    for algo, digest, where in extra.get(path.name, []):
+        actual = file_digests(path, [algo])[algo]
+        if actual != digest:
+            raise ChecksumError(path, algo, digest, actual, where)
+    parse_checksums(path)
+
+
+def _fetch_checksum_list(target: Path, fetch: Fetch, extra: Expected, stats: _Stats) -> None:
+    """Keep a checksum list already at `target` if it checks out, else fetch it afresh; one that
+    fails after the fetch is moved aside and reported (every weight's check depends on it)."""
+    if target.is_file():
+        try:
+            _check_checksum_list(target, extra)
+            return
+        except VerificationError as e:
+            log.warning("%s; fetching it again", e)
+            os.replace(target, _corrupt(target))
+    fetch(target.name, target, True)
+    stats.add(fetched=1, fetched_bytes=target.stat().st_size)
+    try:
+        _check_checksum_list(target, extra)
+    except VerificationError:
+        os.replace(target, _corrupt(target))
+        raise
+
+
+def _expected_for(names: list[str], dest: Path, lists: list[str], extra: Expected,
+                  expect_listed: list[str]) -> Expected:
+    """The digests of the lists in dest plus `extra`, after checking that the lists name only
+    files this source fetches and cover every name in `expect_listed`."""
     expected = _expected_from(dest, lists)
-    for name, sums in (extra or {}).items():
+    for name, sums in extra.items():
         expected.setdefault(name, []).extend(sums)
     unfetched = [f"{n} (listed in {expected[n][0][2]})" for n in expected
                  if n not in names and n not in CHECKSUM_FILES]
     if unfetched:
         raise VerificationError(f"{dest}: the checksum lists name {', '.join(unfetched)}, which "
                                 "this source does not fetch (is n_shards / model_dir right?)")
-    unlisted = [n for n in (expect_listed or []) if n not in expected]
+    unlisted = [n for n in expect_listed if n not in expected]
     if unlisted:
         raise VerificationError(f"{dest}: {', '.join(unlisted)} not listed in {', '.join(lists)}, "
                                 "so cannot be verified (url source: is n_shards right?)")
+    return expected
 
-    def one(name: str) -> None:
-        target, sums = dest / name, expected.get(name, [])
-        if stop.is_set():
-            raise _Stopped
-        if target.is_file():
-            try:
-                check_file(target, sums, digests=digests)
-                stats.add(skipped=1)
-                return
-            except VerificationError as e:
-                log.warning("%s; fetching it again", e)
-                os.replace(target, _corrupt(target))
-        fetch(name, target, False)
-        stats.add(fetched=1, fetched_bytes=target.stat().st_size)
+
+def _fetch_checked(name: str, target: Path, fetch: Fetch, sums: list[tuple[str, str, str]],
+                   digests: bool, stats: _Stats) -> bool:
+    """Keep a file already at `target` if it checks out (False), else fetch it, resuming
+    partial data (True); one that fails its check is moved aside and fetched afresh once, and a
+    second failure is final."""
+    if target.is_file():
         try:
             check_file(target, sums, digests=digests)
+            stats.add(skipped=1)
+            return False
         except VerificationError as e:
-            corrupt = _corrupt(target)
-            os.replace(target, corrupt)
-            log.warning("%s; moved to %s, fetching once more", e, corrupt.name)
-            fetch(name, target, True)
-            stats.add(fetched=1, fetched_bytes=target.stat().st_size, refetched=1)
-            check_file(target, sums, digests=digests)  # a second failure is final
-        if on_file is not None:
-            on_file(name)
+            log.warning("%s; fetching it again", e)
+            os.replace(target, _corrupt(target))
+    fetch(name, target, False)
+    stats.add(fetched=1, fetched_bytes=target.stat().st_size)
+    try:
+        check_file(target, sums, digests=digests)
+    except VerificationError as e:
+        corrupt = _corrupt(target)
+        os.replace(target, corrupt)
+        log.warning("%s; moved to %s, fetching once more", e, corrupt.name)
+        fetch(name, target, True)
+        stats.add(fetched=1, fetched_bytes=target.stat().st_size, refetched=1)
+        check_file(target, sums, digests=digests)
+    return True
 
-    rest = [n for n in names if n not in lists]
+
+def _in_parallel(fn: Callable[[str], None], names: list[str], workers: int,
+                 stop: threading.Event) -> None:
+    """fn(name) for every name on `workers` threads; at the first error `stop` is set and the
+    files not started are cancelled, and the first real error (not a _Stopped) is raised."""
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="download") as pool:
-        futures = [pool.submit(one, n) for n in rest]
+        futures = [pool.submit(fn, n) for n in names]
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
         errors = [f.exception() for f in done if f.exception() is not None]
         if errors:
@@ -505,7 +568,6 @@ def _materialize(names: list[str], fetch: Fetch, dest: Path, *, workers: int, di
                 f.cancel()
     if errors:
         raise next((e for e in errors if not isinstance(e, _Stopped)), errors[0])
-    _check_layout(dest, expected)
 
 
 def _corrupt(path: Path) -> Path:

@@ -48,10 +48,21 @@ from typing import Literal, Sequence
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from steps import MetricsCallback
+from steps import MetricsCallback, Stage
 from steps.sft import ALPACA_ZH_TEMPLATE, format_prompt  # the prompt SFT trains on
 
 VERSION = "3"
+
+
+class FlowKeys(BaseModel):
+    """The evaluate key the flow reads: it runs the stage once per model."""
+    models: list[str] = Field(["base", "base-zh", "base-zh+pt", "merged", "gguf"], description=(
+        "Which models the lifecycle evaluates: base, base-zh, base-zh+pt (base-zh with the "
+        "pre-training LoRA applied unmerged), merged, gguf (every quant type) or gguf-<type>"))
+
+
+# generations.jsonl as a table for review, without the token ids of each answer
+STAGE = Stage(gpu=True, flow=FlowKeys, tables={"generations.jsonl": ("output_ids",)})
 PROTOCOLS = ("llama.cpp", "strided")
 
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
@@ -87,35 +98,19 @@ class HFModel:
     def __init__(self, model_dir: Path, adapters: Sequence[Path] = (), *, device: str | None = None,
                  dtype: str = "float32"):
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from steps.checks import check_adapter, check_model
+        from steps.train.model import load_base
 
         self.path = Path(model_dir)
         if not (self.path / "config.json").is_file():
             raise FileNotFoundError(f"{self.path}: not a Hugging Face model directory (no "
                                     "config.json) and not a .gguf file or a dir holding one")
         adapters = [Path(a) for a in adapters]
-        rows = check_model(self.path).embed_rows
-        tok_dir = self.path
-        for a in adapters:  # header-only checks before any weight is loaded
-            rows = check_adapter(a, rows)
-            if (a / "tokenizer.json").is_file() or (a / "tokenizer.model").is_file():
-                tok_dir = a
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = AutoModelForCausalLM.from_pretrained(self.path, dtype=getattr(torch, dtype))
-        for i, a in enumerate(adapters):
-            from peft import PeftModel
-
-            a_rows = check_adapter(a, model.get_input_embeddings().weight.shape[0])
-            if a_rows != model.get_input_embeddings().weight.shape[0]:
-                model.resize_token_embeddings(a_rows)
-            model = PeftModel.from_pretrained(model, a)
-            if i < len(adapters) - 1:
-                model = model.merge_and_unload()
+        model, self.tokenizer = load_base(self.path, adapters, precision=dtype,
+                                          attn_implementation=None, merge_last=False)
         self.model = model.to(self.device).eval()
         self.n_vocab = int(self.model.get_input_embeddings().weight.shape[0])
-        self.tokenizer = AutoTokenizer.from_pretrained(tok_dir)
         self.bos_id = self.tokenizer.bos_token_id
         self.adapters = adapters
 
@@ -589,34 +584,70 @@ def judge(generations: list[dict], *, url: str, key: str, model: str,
 
 class EvalSet(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    path: str                                   # a UTF-8 text file
-    kind: Literal["text", "wikitext"] = "text"  # wikitext: HF-joined file → canonical wiki.test.raw
-    max_tokens: int | None = None               # overrides Config.max_tokens for this set
+    path: str = Field(description="a UTF-8 text file")
+    kind: Literal["text", "wikitext"] = Field("text", description=(
+        "text: the file as-is (line endings untouched, as llama-perplexity reads it); wikitext: "
+        "an HF-joined WikiText file rebuilt into the canonical wiki.test.raw layout llama.cpp "
+        "users evaluate (335,688 LLaMA tokens, 655 chunks at n_ctx 512)"))
+    max_tokens: int | None = Field(None, description=(
+        "token budget for this set (whole n_ctx chunks), instead of the stage's max_tokens; "
+        "null = the stage's"))
 
 
 class Config(BaseModel):
+    """evaluate stage: perplexity of each model on each eval set, plus answers to a fixed prompt
+    set for review. One stage run evaluates ONE model; the flow runs it per model."""
     model_config = ConfigDict(extra="forbid")
-    eval_sets: dict[str, EvalSet] = Field(default_factory=dict)
-    n_ctx: int = 512                        # llama-perplexity's default context
-    protocol: Literal["llama.cpp", "strided"] = "llama.cpp"
-    stride: int | None = None               # strided only; None = n_ctx/2
-    max_tokens: int | None = None           # token budget per set (None = the whole text)
-    batch_size: int = 8                     # windows per HF forward
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"  # HF compute dtype
-    n_threads: int | None = None            # llama.cpp threads (None = all cores)
-    extra_buffers: bool = False             # llama.cpp AMX/repacked-weight CPU buffers (see _model_params)
-    flash_attn: bool = False                # llama.cpp flash attention (llama-perplexity: -fa)
-    device: str | None = None               # None = cuda when available, else cpu
-    prompts: str | None = None              # JSON list of {instruction, input}; None = no generations
-    template: str = ALPACA_ZH_TEMPLATE
-    max_new_tokens: int = 128
-    modes: list[Literal["greedy", "sampled"]] = Field(default_factory=lambda: ["greedy", "sampled"])
-    temperature: float = 0.2                # sampled mode: the recipe's inference defaults
-    top_p: float = 0.9
-    top_k: int = 40
-    repetition_penalty: float = 1.1
-    seed: int = 1
-    judge: bool = False                     # score generations with LLAMAFLOW_JUDGE_* when set
+    eval_sets: dict[str, EvalSet] = Field(default_factory=dict, description=(
+        "name -> {path, kind, max_tokens}. The lifecycle's sets are a conf/evaluate/eval_sets/ "
+        "option, replaced whole by picking another (evaluate/eval_sets=NAME): Hydra would merge "
+        "a mapping given as keys"), json_schema_extra={"conf_option": "eval_sets/default"})
+    n_ctx: int = Field(512, description=(
+        "context per chunk; 512 is llama-perplexity's default and the figure its README quotes"))
+    protocol: Literal["llama.cpp", "strided"] = Field("llama.cpp", description=(
+        "\"llama.cpp\": non-overlapping n_ctx chunks, BOS first, second half scored "
+        "(llama-perplexity). \"strided\": transformers' sliding window (every token but BOS "
+        "scored once)"))
+    stride: int | None = Field(None, description="strided only: window step; null = n_ctx/2")
+    max_tokens: int | None = Field(None, description=(
+        "default token budget for sets without their own max_tokens (null = whole text)"))
+    batch_size: int = Field(8, description="windows per HF forward pass")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description=(
+        "HF compute dtype; float32 keeps HF and f16/f32 GGUF numbers comparable to ~1e-6"))
+    n_threads: int | None = Field(None, description="llama.cpp threads (null = all cores)")
+    extra_buffers: bool = Field(False, description=(
+        "llama.cpp's extra CPU buffer types (AMX, repacked weights): faster where they work; off "
+        "because a GGML_NATIVE build on a VM that advertises AMX dies with SIGILL on Q8_0/Q4_0 "
+        "weights"))
+    flash_attn: bool = Field(False, description=(
+        "llama.cpp flash attention: false reproduces `llama-perplexity -fa off`, true `-fa on` "
+        "(its default, -fa auto, is on for CPU), each to all printed digits with -b n_ctx. The "
+        "two differ by up to ~1e-3 relative (stories260K at n_ctx 256: q4_0 7.68127 off, "
+        "7.67814 on, 4e-4; f16 5e-5), inside the ± error but far above float noise: compare "
+        "runs only at the same setting"))
+    device: str | None = Field(None, description="null = cuda when available, else cpu")
+    prompts: str | None = Field(None, description=(
+        "prompt set for generations (JSON list of {instruction, input}); null = no generations. "
+        "The lifecycle's: the demo's prompts"),
+        json_schema_extra={"conf": "${repo:pipelines/demo_data/prompts.json}"})
+    template: str = Field(ALPACA_ZH_TEMPLATE, description=(
+        "Chinese-Alpaca's prompt (note the trailing space); the lifecycle's: the one the SFT "
+        "stage trained on"), json_schema_extra={"conf": "${sft.prompt_template}"})
+    max_new_tokens: int = Field(128, description="tokens generated per answer at most")
+    modes: list[Literal["greedy", "sampled"]] = Field(
+        default_factory=lambda: ["greedy", "sampled"], description=(
+            "greedy: argmax, deterministic. sampled: the recipe's inference defaults below, "
+            "seeded"))
+    temperature: float = Field(0.2, description="sampled mode: softmax temperature (the "
+                                                "recipe's inference default, as the next three)")
+    top_p: float = Field(0.9, description="sampled mode: nucleus (top-p) threshold")
+    top_k: int = Field(40, description="sampled mode: sample among the k likeliest tokens")
+    repetition_penalty: float = Field(1.1, description="sampled mode: penalty on tokens already "
+                                                       "in the text (1.0: none)")
+    seed: int = Field(1, description="seed of the sampled mode")
+    judge: bool = Field(False, description=(
+        "score generations 1-10 with an OpenAI-compatible chat endpoint from LLAMAFLOW_JUDGE_URL, "
+        "LLAMAFLOW_JUDGE_KEY and LLAMAFLOW_JUDGE_MODEL; unset -> results say \"not configured\""))
 
 
 DATA_FIELDS = ("eval_sets.*.path", "prompts")

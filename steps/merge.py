@@ -9,10 +9,12 @@ for each base tensor and each adapter in the given order,
 Order matters: the last adapter's embeddings and tokenizer win, and an SFT adapter is only valid on
 the base + pre-training weights it was trained on.
 
-Streaming: the base is read one tensor at a time from its safetensors (any number of shards, P15)
-and each merged tensor is written straight into its output shard; only the adapters (small, apart
-from their embeddings) stay in memory. Everything is validated from file headers BEFORE any weight
-is written: shapes against the base, vocabulary order, files, adapter type, recorded base digest.
+Streaming: the base is read one tensor at a time from its safetensors, in any number of shards
+(the recipe's low-memory merge finds only pytorch_model-*.bin; docs/recipe.md, "Merge bases are
+safetensors, in any number of shards"), and each merged tensor is written straight into its
+output shard; only the adapters (small, apart from their embeddings) stay in memory. Everything
+is validated from file headers BEFORE any weight is written: shapes against the base, vocabulary
+order, files, adapter type, recorded base digest.
 
 Other strategies ("linear", "cat", "ties", "dare_linear", "dare_ties") combine adapters that share
 one base through peft's `add_weighted_adapter`; they load the whole model (peft needs it) and
@@ -34,14 +36,15 @@ from pathlib import Path
 from typing import Iterator, Literal
 
 import pydantic
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field
 
-from steps import MetricsCallback
+from steps import MetricsCallback, Stage
 from steps.checks import VocabMismatch, check_adapter, check_model, tokenizer_size
 from steps.safetensors_io import ST_DTYPES, StreamingSafetensorsWriter, read_header
-from steps.tokenizer import TOKENIZER_FILES
+from steps.tokenizer import TOKENIZER_FILES, carries_tokenizer, tokenizer_source
 
 VERSION = "2"
+STAGE = Stage()
 
 Strategy = Literal["sequential", "linear", "cat", "ties", "dare_linear", "dare_ties"]
 OutputFormat = Literal["hf", "meta"]
@@ -49,17 +52,36 @@ DTypeName = Literal["float32", "float16", "bfloat16"]
 
 
 class Config(pydantic.BaseModel):
+    """merge stage: fold base + LoRA adapters, in the order given, into one model. The adapters
+    and their order come from the flow (base-zh + [pt, sft]), not from here."""
     model_config = ConfigDict(extra="forbid")
 
-    output_format: OutputFormat = "hf"   # "hf" (sharded safetensors) or "meta" (consolidated.NN.pth)
-    strategy: Strategy = "sequential"    # the recipe's in-order merge; others via peft
-    weights: list[float] | None = None   # weighted strategies only: one per adapter (default 1.0 each)
-    density: float | None = None         # ties / dare_*: fraction of delta entries kept
-    dtype: DTypeName | None = None       # output dtype; None keeps each base tensor's dtype
-    max_shard_size: str = "2GB"          # HF output shard size
-    meta_n_shards: int = 1               # Meta output: model-parallel ranks (7B 1, 13B 2, 33B 4, 65B 8)
-    seed: int = 0                        # dare_* drop entries at random
-    check_base_digest: bool = True       # P3: adapters' training_info.json base/adapter digests
+    output_format: OutputFormat = Field("hf", description=(
+        "\"hf\": sharded safetensors + index, config.json, tokenizer files. \"meta\": "
+        "consolidated.NN.pth per model-parallel rank, params.json, checklist.chk, tokenizer.model"))
+    strategy: Strategy = Field("sequential", description=(
+        "\"sequential\": the recipe's merge, adapter by adapter (W += B·A·alpha/r; "
+        "modules_to_save replace embed_tokens/lm_head; the last adapter's vocabulary and "
+        "tokenizer win). Streams the base tensor by tensor. \"linear\" | \"cat\" | \"ties\" | "
+        "\"dare_linear\" | \"dare_ties\": peft's add_weighted_adapter for adapters on one base "
+        "without modules_to_save (loads the whole model)"))
+    weights: list[float] | None = Field(None, description=(
+        "weighted strategies only: one weight per adapter (null = 1.0 each)"))
+    density: float | None = Field(None, description=(
+        "ties / dare_*: fraction of each delta's entries kept, in (0, 1]"))
+    dtype: DTypeName | None = Field(None, description=(
+        "output dtype: null keeps each base tensor's dtype; float32 | float16 | bfloat16. Math is "
+        "fp32"))
+    max_shard_size: str = Field("2GB", description=(
+        "HF output shard size (transformers syntax: \"2GB\", \"500MB\")"))
+    meta_n_shards: int = Field(1, description=(
+        "Meta output: model-parallel ranks (LLaMA 7B 1, 13B 2, 33B 4, 65B 8)"))
+    seed: int = Field(0, description="dare_* drop delta entries at random; seeded so a rerun "
+                                     "gives the same bytes")
+    check_base_digest: bool = Field(True, description=(
+        "refuse adapters whose training_info.json records another base (config + tokenizer "
+        "digest) or other adapters merged in before them: a LoRA only merges onto the base it "
+        "was trained on. false only when you know the weights are the same"))
 
 
 DATA_FIELDS: tuple[str, ...] = ()
@@ -178,8 +200,7 @@ def load_adapter(adapter_dir: Path) -> Adapter:
     cfg = json.loads(cfg_file.read_text())
     _check_lora_config(path, cfg)
 
-    adapter = Adapter(path=path, config=cfg, has_tokenizer=any(
-        (path / f).is_file() for f in ("tokenizer.model", "tokenizer.json")))
+    adapter = Adapter(path=path, config=cfg, has_tokenizer=carries_tokenizer(path))
     state = load_file(str(weights_file))
     for key in sorted(state):
         if not key.startswith(_PEFT_PREFIX):
@@ -281,13 +302,14 @@ def _vocab_rows(shapes: dict[str, tuple[int, ...]]) -> int:
 
 
 def _check_provenance(base_dir: Path, adapters: list[Adapter], i: int) -> None:
-    """P3: an adapter is only valid on the base (and earlier adapters) it was trained on.
+    """An adapter is only valid on the base (and earlier adapters) it was trained on
+    (docs/recipe.md, "An adapter merges only onto the base it was trained on").
 
-    The training stages record, in training_info.json, `base_digest` (steps.training.base_digest:
+    The training stages record, in training_info.json, `base_digest` (steps.digests.base_digest:
     config.json + tokenizer files of the model dir) and `adapters_applied` (the adapters folded
-    into that base before training, in order, with steps.training.adapter_digest). Adapters
+    into that base before training, in order, with steps.digests.adapter_digest). Adapters
     without the file (trained elsewhere) are not checked."""
-    from steps.training import adapter_digest, base_digest
+    from steps.digests import adapter_digest, base_digest
 
     ad = adapters[i]
     info_file = ad.path / "training_info.json"
@@ -341,7 +363,7 @@ def plan_merge(base_dir: Path, adapters: list[Adapter], check_base_digest: bool 
         if grown > rows and not ad.has_tokenizer:
             raise MergeError(f"{ad.path}: grows the vocabulary from {rows} to {grown} rows but "
                              "carries no tokenizer, so the merged model would ship one that does "
-                             "not cover its embeddings (P9): copy the tokenizer it was trained "
+                             "not cover its embeddings: copy the tokenizer it was trained "
                              "with into the adapter directory")
         for name, pair in ad.lora.items():
             if name not in shapes:
@@ -363,10 +385,7 @@ def plan_merge(base_dir: Path, adapters: list[Adapter], check_base_digest: bool 
         raise MergeError(f"after merging, embed_tokens has {rows} rows but lm_head {head[0]}: an "
                          "adapter saved only one of them; save both with modules_to_save="
                          "['embed_tokens', 'lm_head']")
-    tok_dir = base_dir
-    for ad in adapters:
-        if ad.has_tokenizer:
-            tok_dir = ad.path
+    tok_dir = tokenizer_source(base_dir, [ad.path for ad in adapters])
     tok_len, _ = tokenizer_size(tok_dir)
     if tok_len > rows:
         raise VocabMismatch(f"{tok_dir}: the tokenizer the merged model would ship has {tok_len} "
@@ -416,7 +435,8 @@ def iter_merged(plan: Plan, adapters: list[Adapter], dtype: str | None = None) -
 def _write_hf_metadata(base_dir: Path, out_dir: Path, vocab_rows: int, tokenizer_dir: Path,
                        dtype: str | None) -> None:
     config = json.loads((base_dir / "config.json").read_text())
-    config["vocab_size"] = vocab_rows   # P1: config, embeddings and tokenizer must agree
+    # docs/recipe.md, "Vocabulary, embeddings and config must agree"
+    config["vocab_size"] = vocab_rows
     if dtype:
         config["dtype"] = dtype
         config.pop("torch_dtype", None)
@@ -449,7 +469,7 @@ def _save_meta(state: dict, base_dir: Path, out_dir: Path, vocab_rows: int, toke
 
 
 def _digest(base_dir: Path) -> str:
-    from steps.training import base_digest
+    from steps.digests import base_digest
 
     return base_digest(base_dir)
 
@@ -502,15 +522,15 @@ def merge_adapters(base_dir: Path, adapter_dirs: list[Path], out_dir: Path,
             writer.write(name, tensor)
         files = writer.close()
         _write_hf_metadata(base_dir, out_dir, plan.vocab_rows, plan.tokenizer_dir, dtype)
-        check_model(out_dir)   # P1: tokenizer <= config vocab_size == embed rows == lm_head rows
+        check_model(out_dir)   # tokenizer <= config vocab_size == embed rows == lm_head rows
     else:
         _save_meta(dict(merged), base_dir, out_dir, plan.vocab_rows, plan.tokenizer_dir,
                    meta_n_shards)
         files = sorted(out_dir.glob("consolidated.*.pth"))
 
-    # Base and adapters by content (steps.training's base_digest / adapter_digest), never by
+    # Base and adapters by content (steps.digests' base_digest / adapter_digest), never by
     # path: the same merge in another workspace (or temp dir) must give the same bytes.
-    from steps.training import adapter_digest
+    from steps.digests import adapter_digest
 
     digests = [adapter_digest(d) for d in adapter_dirs]
     info = {

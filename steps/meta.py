@@ -306,7 +306,7 @@ def save_meta_checkpoint(meta_state: dict, params: dict | MetaParams, out_dir: P
 
     Sharded tensors are split with torch.tensor_split, so a dimension that does not divide
     (e.g. 13B's 49953-row output across 2 ranks) gives uneven parts, which convert concatenates
-    back by their actual sizes (pain point P8)."""
+    back by their actual sizes (docs/recipe.md, "Meta shards may split a dimension unevenly")."""
     import torch
 
     p = params if isinstance(params, MetaParams) else MetaParams.from_dict(params)

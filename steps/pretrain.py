@@ -14,18 +14,21 @@ one short block (the recipe's collator then silently repeats the first example).
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 from pydantic import Field
 
-from steps import MetricsCallback
-from steps.training import (LearningRate, TrainConfig, WarmupRatio, WeightDecay,
-                            cache_key, dataset_dir, data_files, execute,
-                            run_training, save_splits, sha256_files, tokenizer_digest,
-                            with_data, worker_main)
+from steps import MetricsCallback, Stage
+from steps.digests import sha256_files, tokenizer_digest
+from steps.files import data_files
+from steps.train import run_training
+from steps.train.config import RESULT_NEUTRAL, TrainConfig, with_data
+from steps.train.data import cache_key, prepared, save_splits, split, split_sizes
+from steps.train.launch import execute, worker_main
 
 VERSION = "3"
+# checkpoints in scratch (a rerun resumes), tokenized data in the workspace's data cache
+STAGE = Stage(gpu=True, resumable=True, data_cache=True)
 PREP_VERSION = "pt-1"            # bump when the preprocessing below changes its output
 SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -35,21 +38,25 @@ log = logging.getLogger(__name__)
 
 
 class Config(TrainConfig):
-    """Defaults = Chinese-LLaMA-Alpaca run_pt.sh (lr 2e-4, cosine, warmup 0.05, wd 0.01,
+    """pretrain stage: LoRA continued pre-training on plain text.
+    Defaults = Chinese-LLaMA-Alpaca run_pt.sh (lr 2e-4, cosine, warmup 0.05, wd 0.01,
     r 8 / alpha 32 / dropout 0.05 on the 7 projections, embed_tokens+lm_head saved, block 512,
-    batch 1 x accumulation 8, 1 epoch, validation fraction 0.001)."""
-    data: list[str] = Field(default_factory=list)   # files/dirs of .txt/.jsonl/.json/.parquet
-    text_column: str = "text"                       # column read from .jsonl/.json/.parquet
-    block_size: int = Field(512, ge=8)
-    learning_rate: LearningRate = 2e-4
-    warmup_ratio: WarmupRatio = 0.05
-    weight_decay: WeightDecay = 0.01
+    batch 1 x accumulation 8, 1 epoch, validation fraction 0.001).
+    Plus / LLaMA-2 preset: lora.r=64, lora.alpha=128 (everything else the same), e.g. in
+    conf/recipe/<name>.yaml:
+      pretrain: {lora: {r: 64, alpha: 128}}"""
+    # run_pt.sh's optimizer settings are TrainConfig's defaults: only the data fields are new
+    data: list[str] = Field(default_factory=list, description=(
+        "Text files or directories: .txt (one example per line), .jsonl/.json/.parquet "
+        "(text_column). Hashed into the cache key (DATA_FIELDS). The recipe sets it; the demo "
+        "uses its own corpus."))
+    text_column: str = Field("text", description="column read from .jsonl/.json/.parquet files")
+    block_size: int = Field(512, ge=8, description="tokens per training block (lines get BOS, "
+                                                   "are concatenated, then cut)")
 
 
 DATA_FIELDS = ("data",)
-# Checkpointing and the launcher timeout change neither the adapter nor its log (resume is
-# bitwise exact), so a longer timeout resumes the same run instead of starting a new key.
-CACHE_EXCLUDE = ("save_every", "save_total_limit", "launcher.timeout_s")
+CACHE_EXCLUDE = RESULT_NEUTRAL          # checkpointing and the launcher timeout
 DIGEST_EXCLUDE = ("trainer_log.jsonl",)   # its tokens_per_s differ run to run; the adapter doesn't
 
 
@@ -109,6 +116,24 @@ def _worker(cfg: Config, out_dir: Path, *, on_metrics=None, model: str, dataset:
                         on_metrics=on_metrics, extra_info=info)
 
 
+def _builder(config: Config, files: list[Path], model: Path):
+    """build(dir) for data.prepared: the blocks of `files`, split and saved."""
+    def build(ddir: Path) -> dict:
+        import tempfile
+
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(model)
+        with tempfile.TemporaryDirectory(prefix="llamaflow-pt-") as work:
+            blocks = build_blocks(files, tokenizer, config.block_size, config.text_column,
+                                  Path(work))
+            train, held_out = split(blocks, config.validation_split, config.seed)
+            meta = {"files": [str(f) for f in files], "block_size": config.block_size}
+            save_splits({"train": train, "eval": held_out}, ddir, meta)
+        return meta
+    return build
+
+
 def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = None,
         model: Path, resume_dir: Path | None = None, data_cache_dir: Path | None = None) -> dict:
     """Train a LoRA adapter on `model` (an HF model dir, e.g. the vocab stage's hf-zh/) with
@@ -125,7 +150,6 @@ def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = N
         eval_loss, eval_ppl every eval_every steps and at the end.
     """
     import datasets
-    from transformers import AutoTokenizer
 
     from steps.checks import check_model
 
@@ -135,25 +159,8 @@ def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = N
     out_dir.mkdir(parents=True, exist_ok=True)
     sizes = check_model(model)                      # before any tokenization
     key, files = data_key(config, model)
-    with dataset_dir(Path(data_cache_dir) if data_cache_dir else None, key) as (ddir, hit):
-        if hit:
-            log.info("tokenized data: cache hit %s", ddir)
-        else:
-            import tempfile
-            tokenizer = AutoTokenizer.from_pretrained(model)
-            with tempfile.TemporaryDirectory(prefix="llamaflow-pt-") as work:
-                blocks = build_blocks(files, tokenizer, config.block_size, config.text_column,
-                                      Path(work))
-                splits = {"train": blocks, "eval": None}
-                n_eval = math.ceil(config.validation_split * len(blocks))
-                if config.validation_split > 0 and 1 <= n_eval < len(blocks):
-                    s = blocks.train_test_split(test_size=n_eval, seed=config.seed, shuffle=True)
-                    splits = {"train": s["train"], "eval": s["test"]}
-                save_splits(splits, ddir, {"files": [str(f) for f in files],
-                                           "block_size": config.block_size})
-        from datasets import load_from_disk
-        n_train = len(load_from_disk(str(ddir / "train")))
-        n_eval = len(load_from_disk(str(ddir / "eval"))) if (ddir / "eval").is_dir() else 0
+    with prepared(data_cache_dir, key, _builder(config, files, model)) as (ddir, _, hit):
+        n_train, n_eval = split_sizes(ddir)
         log.info("pretrain data: %d train / %d eval blocks of %d tokens (vocab %d)", n_train,
                  n_eval, config.block_size, sizes.tokenizer)
         info = {"data_digest": key, "block_size": config.block_size}

@@ -8,11 +8,12 @@ Two entry points, as in llama.cpp's own flow (`convert_hf_to_gguf.py` then `llam
 - `quantize_gguf(src, out, qtype)` runs `llama_model_quantize` (llama-cpp-python) on an f16/f32
   GGUF for every llama.cpp type (K-quants can only come from there: gguf cannot make them).
 
-Recipe pain points handled here: P7 K-quants on a vocabulary not divisible by 256
-(only a row length, ne0 = hidden size, must be a multiple of the block size; llama.cpp falls back
-per tensor and `quant_info.json` records what each tensor got); P9 a tokenizer that does not match
-the embedding rows (checked before anything is written); P10 added tokens ([PAD]) and padding of
-the token list up to the embedding rows.
+Failure modes of the recipe handled here (sections of docs/recipe.md): "K-quants on a vocabulary
+not divisible by 256" (only a row length, ne0 = hidden size, must be a multiple of the block
+size; llama.cpp falls back per tensor and `quant_info.json` records what each tensor got); "The
+tokenizer must be the one the model was trained with" (a tokenizer that does not match the
+embedding rows is refused before anything is written); "Added tokens and padded vocabularies
+reach llama.cpp" (added tokens such as [PAD], and the token list padded up to the embedding rows).
 """
 from __future__ import annotations
 
@@ -24,12 +25,24 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from steps import Stage
 from steps.checks import check_model
 from steps.safetensors_io import TensorInfo, read_header
 
 VERSION = "1"
+
+
+class FlowKeys(BaseModel):
+    """The quantize key the flow reads: it runs the stage once per type, each cached on its own."""
+    types: list[str] = Field(["f16", "q8_0", "q4_0", "q4_k_m"], description=(
+        "Types the lifecycle makes, as llama-quantize names them (lower case). f16 is always "
+        "made, exported from the merged HF model; every other type is quantized by llama.cpp "
+        "from that f16 GGUF"))
+
+
+STAGE = Stage(flow=FlowKeys)
 DATA_FIELDS = ()
 CACHE_EXCLUDE = ("nthread",)  # threads change the speed, not the bytes
 
@@ -46,17 +59,30 @@ ALL_TYPES = tuple(dict.fromkeys(EXPORT_TYPES + LLAMA_CPP_TYPES))
 # hundred MB of temporaries on top of its output.
 _ROWS_PER_CHUNK = 2048
 # A vocabulary padded to a multiple of 64/128/256 leaves fewer spare rows than this; more spare
-# rows than tokens means the wrong (smaller) tokenizer was shipped with the model (P9: the
-# original 32000-piece LLaMA tokenizer next to a 49954-row Chinese model).
+# rows than tokens means the wrong (smaller) tokenizer was shipped with the model (the
+# original 32000-piece LLaMA tokenizer next to a 49954-row Chinese model; docs/recipe.md, "The
+# tokenizer must be the one the model was trained with").
 _MAX_VOCAB_PADDING = 256
 
 
 class Config(BaseModel):
+    """quantize stage: HF model -> GGUF (our exporter) -> llama.cpp's quantizer. The flow makes
+    one artifact per type, each cached on its own: f16 is exported from the merged HF model;
+    every other type is quantized by llama.cpp from that f16 GGUF. Rows not a multiple of a
+    type's block (256 for K-quants, 32 otherwise) fall back per tensor (e.g. Q4_K -> Q5_0);
+    quant_info.json records the type every tensor got."""
     model_config = ConfigDict(extra="forbid")
 
-    qtype: str = "f16"      # one type per stage run; the flow iterates conf/quantize types
-    nthread: int = 0        # llama.cpp quantizer threads; 0 = all cores
-    pure: bool = False      # llama.cpp --pure: one type for every 2-D tensor (no Q6_K output/mixtures)
+    qtype: str = Field("f16", description=(
+        "the type of one stage run (the flow sets it for each entry of `types`). Exported from "
+        "HF: f32, f16, bf16 (q8_0 and q4_0 can also be exported directly with gguf's numpy "
+        "quantizers: one type for every 2-D tensor); by llama.cpp's quantizer: q8_0, q6_k, "
+        "q5_k_m, q5_k_s, q5_0, q5_1, q4_k_m, q4_k_s, q4_0, q4_1, q3_k_m, q3_k_s, q3_k_l, q2_k"))
+    nthread: int = Field(0, description="llama.cpp quantizer threads; 0 = all cores")
+    pure: bool = Field(False, description=(
+        "llama-quantize --pure: one type for every 2-D tensor (no Q6_K output.weight, no K-quant "
+        "mixtures). The default false gives the files llama.cpp users (and the "
+        "Chinese-LLaMA-Alpaca table) use"))
 
     @field_validator("qtype")
     @classmethod
@@ -121,7 +147,7 @@ def _vocab(model_dir: Path, n_rows: int) -> dict:
     _create_vocab_sentencepiece): piece types map 1:1 onto gguf.TokenType; HF added tokens beyond
     the pieces (e.g. Chinese-Alpaca's [PAD]) become USER_DEFINED (score -1000) so llama.cpp matches
     them in text as the HF tokenizer does; ids up to the embedding rows are padded with [PAD{i}]
-    UNUSED entries (P10)."""
+    UNUSED entries (docs/recipe.md, "Added tokens and padded vocabularies reach llama.cpp")."""
     from steps.tokenizer import load_sp_proto
 
     sp_file = model_dir / "tokenizer.model"
@@ -151,7 +177,7 @@ def _vocab(model_dir: Path, n_rows: int) -> dict:
             continue
         if i >= n_rows:
             raise ValueError(f"{model_dir}: added token {added[i]!r} has id {i} but the embedding "
-                             f"has {n_rows} rows (P9); resize the embeddings (vocab stage) or drop "
+                             f"has {n_rows} rows; resize the embeddings (vocab stage) or drop "
                              "the token")
         while len(tokens) < i:   # a gap in the ids: keep positions aligned
             tokens.append(f"[PAD{len(tokens)}]".encode())
@@ -164,11 +190,11 @@ def _vocab(model_dir: Path, n_rows: int) -> dict:
     n_tok = len(tokens)
     if n_tok > n_rows:
         raise ValueError(f"{model_dir}: tokenizer.model + added tokens = {n_tok} tokens but the "
-                         f"embedding has {n_rows} rows (P9): this is not the tokenizer the model was "
+                         f"embedding has {n_rows} rows: this is not the tokenizer the model was "
                          "trained with; ship the tokenizer produced by the vocab/merge stage")
     if n_rows - n_tok >= _MAX_VOCAB_PADDING:
         raise ValueError(f"{model_dir}: the tokenizer has {n_tok} tokens but the embedding {n_rows} "
-                         f"rows (P9): {n_rows - n_tok} ids would have no token. This is the wrong "
+                         f"rows (docs/recipe.md, P9): {n_rows - n_tok} ids would have no token. This is the wrong "
                          "tokenizer (e.g. LLaMA's 32000 pieces next to a Chinese-LLaMA model); "
                          "ship the tokenizer produced by the vocab/merge stage")
     for i in range(n_tok, n_rows):
@@ -217,8 +243,6 @@ def export_gguf(model_dir: Path, out_path: Path, qtype: str = "f16") -> Path:
     (f32/f16/bf16, or q8_0/q4_0 for every 2-D tensor, i.e. llama-quantize --pure); a row length
     not a multiple of the block size falls back to F16 (as llama.cpp does)."""
     import gguf
-    import torch
-    from safetensors import safe_open
 
     model_dir, out_path = Path(model_dir), Path(out_path)
     qtype = normalize_qtype(qtype)
@@ -232,15 +256,44 @@ def export_gguf(model_dir: Path, out_path: Path, qtype: str = "f16") -> Path:
     sizes = check_model(model_dir)
     config = _read_config(model_dir)
     vocab = _vocab(model_dir, sizes.embed_rows)
-    theta, scaling = _rope(config)
+    rope = _rope(config)
     where = _safetensors_index(model_dir)
-    n_layer = config["num_hidden_layers"]
-    n_head = config["num_attention_heads"]
-    n_kv = config.get("num_key_value_heads") or n_head
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
-
-    plan = []   # (hf name, gguf name, shape, ggml type)
     target, file_type = _gguf_types()[qtype]
+    plan = _tensor_plan(model_dir, where, config["num_hidden_layers"], target)
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    w = gguf.GGUFWriter(tmp, "llama")
+    _add_model_kv(w, model_dir.name, config, rope, sizes.embed_rows, file_type)
+    _add_vocab_kv(w, vocab)
+    _add_tensor_infos(w, plan)
+    try:
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        _write_tensors(w, plan, where, config)
+        w.close()
+        os.replace(tmp, out_path)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return out_path
+
+
+# (hf name, gguf name, shape, ggml type) of one tensor to write, in the file's order
+PlannedTensor = tuple[str, str, tuple[int, ...], int]
+
+
+def _tensor_plan(model_dir: Path, where: dict[str, tuple[Path, TensorInfo]], n_layer: int,
+                 target) -> list[PlannedTensor]:
+    """Every tensor's llama.cpp name and ggml type, in llama.cpp's order (embeddings, blocks by
+    number, output norm, output); fails unless every tensor has a llama.cpp name and each of the
+    n_layer blocks its 9 tensors."""
+    import gguf
+
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, n_layer)
+    plan = []
     for hf_name, (file, info) in where.items():
         if hf_name.endswith("rotary_emb.inv_freq"):
             continue
@@ -248,14 +301,7 @@ def export_gguf(model_dir: Path, out_path: Path, qtype: str = "f16") -> Path:
         if name is None:
             raise ValueError(f"{file}: tensor {hf_name!r} is not part of a LLaMA model "
                              "(no llama.cpp name for it)")
-        shape = info.shape
-        if len(shape) == 1:
-            ttype = gguf.GGMLQuantizationType.F32
-        elif shape[-1] % gguf.GGML_QUANT_SIZES[target][0] == 0:
-            ttype = target
-        else:
-            ttype = gguf.GGMLQuantizationType.F16
-        plan.append((hf_name, name, shape, ttype))
+        plan.append((hf_name, name, info.shape, _tensor_type(info.shape, target)))
     block = lambda n: int(m.group(1)) if (m := re.match(r"blk\.(\d+)\.", n)) else -1  # noqa: E731
     order = {"token_embd.weight": -2, "output_norm.weight": 1 << 30, "output.weight": 1 << 31}
     plan.sort(key=lambda p: (order.get(p[1], block(p[1])), p[1]))
@@ -263,26 +309,48 @@ def export_gguf(model_dir: Path, out_path: Path, qtype: str = "f16") -> Path:
     if missing or sum(p[1].startswith("blk.") for p in plan) != 9 * n_layer:
         raise ValueError(f"{model_dir}: expected 9 tensors per layer × {n_layer} layers plus "
                          f"embeddings and norm; missing {sorted(missing)} or layer tensors")
+    return plan
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    w = gguf.GGUFWriter(tmp, "llama")
-    w.add_name(model_dir.name)
+
+def _tensor_type(shape: tuple[int, ...], target):
+    """F32 for 1-D tensors (norms); `target` for 2-D ones whose rows divide into its blocks; F16
+    for the others, as llama.cpp falls back."""
+    import gguf
+
+    if len(shape) == 1:
+        return gguf.GGMLQuantizationType.F32
+    if shape[-1] % gguf.GGML_QUANT_SIZES[target][0] == 0:
+        return target
+    return gguf.GGMLQuantizationType.F16
+
+
+def _add_model_kv(w, name: str, config: dict, rope: tuple[float, dict | None], n_vocab: int,
+                  file_type) -> None:
+    """The llama architecture's hyper-parameters, rope and file type."""
+    import gguf
+
+    theta, scaling = rope
+    n_head = config["num_attention_heads"]
+    w.add_name(name)
     w.add_context_length(config["max_position_embeddings"])
     w.add_embedding_length(config["hidden_size"])
-    w.add_block_count(n_layer)
+    w.add_block_count(config["num_hidden_layers"])
     w.add_feed_forward_length(config["intermediate_size"])
     w.add_head_count(n_head)
-    w.add_head_count_kv(n_kv)
+    w.add_head_count_kv(config.get("num_key_value_heads") or n_head)
     w.add_layer_norm_rms_eps(config["rms_norm_eps"])
     w.add_rope_dimension_count(config["hidden_size"] // n_head)
     w.add_rope_freq_base(theta)
     if scaling:
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(scaling["factor"]))
-    w.add_vocab_size(sizes.embed_rows)
+    w.add_vocab_size(n_vocab)
     w.add_file_type(int(file_type))
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _add_vocab_kv(w, vocab: dict) -> None:
+    """The SentencePiece vocabulary from _vocab, its special ids and LLaMA's BOS/EOS/space rules."""
     w.add_tokenizer_model("llama")
     w.add_tokenizer_pre("default")
     w.add_token_list(vocab["tokens"])
@@ -293,6 +361,12 @@ def export_gguf(model_dir: Path, out_path: Path, qtype: str = "f16") -> Path:
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
     w.add_add_space_prefix(vocab["add_space_prefix"])
+
+
+def _add_tensor_infos(w, plan: list[PlannedTensor]) -> None:
+    """Each tensor's name, shape and type, so the header is written before any data."""
+    import gguf
+
     for _, name, shape, ttype in plan:
         if ttype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
             dtype = np.float32 if ttype == gguf.GGMLQuantizationType.F32 else np.float16
@@ -300,26 +374,24 @@ def export_gguf(model_dir: Path, out_path: Path, qtype: str = "f16") -> Path:
         else:
             byte_shape = gguf.quant_shape_to_byte_shape(shape, ttype)
             w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)), raw_dtype=ttype)
-    try:
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for hf_name, name, shape, ttype in plan:
-            with safe_open(str(where[hf_name][0]), framework="pt") as st:
-                t = st.get_tensor(hf_name)
-            if name.endswith("attn_q.weight"):
-                t = _permute_rotary(t, n_head)
-            elif name.endswith("attn_k.weight"):
-                t = _permute_rotary(t, n_kv)
-            w.write_tensor_data(_convert(t, ttype))
-            del t
-        w.close()
-        os.replace(tmp, out_path)
-    except BaseException:
-        w.close()
-        tmp.unlink(missing_ok=True)
-        raise
-    return out_path
+
+
+def _write_tensors(w, plan: list[PlannedTensor], where: dict[str, tuple[Path, TensorInfo]],
+                   config: dict) -> None:
+    """Stream the tensors in plan order, one in memory at a time, q/k rows in Meta's rotary order."""
+    from safetensors import safe_open
+
+    n_head = config["num_attention_heads"]
+    n_kv = config.get("num_key_value_heads") or n_head
+    for hf_name, name, shape, ttype in plan:
+        with safe_open(str(where[hf_name][0]), framework="pt") as st:
+            t = st.get_tensor(hf_name)
+        if name.endswith("attn_q.weight"):
+            t = _permute_rotary(t, n_head)
+        elif name.endswith("attn_k.weight"):
+            t = _permute_rotary(t, n_kv)
+        w.write_tensor_data(_convert(t, ttype))
+        del t
 
 
 def _convert(t, ttype):

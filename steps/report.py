@@ -32,9 +32,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from steps import MetricsCallback
+from steps import MetricsCallback, Stage
 
 VERSION = "3"
+# one report of every evaluation: selected, forced and tagged with evaluate
+STAGE = Stage(part_of="evaluate")
 
 
 class GateFailed(RuntimeError):
@@ -43,17 +45,29 @@ class GateFailed(RuntimeError):
 
 class Gate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    vs: str                                  # reference model label (e.g. gguf-f16 or f16)
-    max_delta_ppl_pct: float | None = None   # ppl may exceed the reference's by at most this %
-    max_delta_bpb_pct: float | None = None   # same for bits per byte
-    sets: list[str] | None = None            # eval sets to check; None = every set both have
+    vs: str = Field(description="the model it is compared with: a label (e.g. gguf-f16) or a "
+                                "quant type (f16)")
+    max_delta_ppl_pct: float | None = Field(None, description=(
+        "per-token perplexity may exceed the other model's by at most this % (same tokenizer "
+        "only)"))
+    max_delta_bpb_pct: float | None = Field(None, description="the same for bits per byte")
+    sets: list[str] | None = Field(None, description="eval sets to check; null = every set both "
+                                                     "have")
 
 
 class Config(BaseModel):
+    """report stage: one table of every evaluated model × every eval set, plots (perplexity per
+    stage, training loss curves, GGUF size vs perplexity) and quality gates."""
     model_config = ConfigDict(extra="forbid")
-    reference: str | None = "gguf-f16"       # Δ columns compare every model with this one
-    gates: dict[str, Gate] = Field(default_factory=dict)  # model label -> gate
-    on_fail: Literal["fail", "tag"] = "tag"  # fail: raise GateFailed; tag: report and carry on
+    reference: str | None = Field("gguf-f16", description=(
+        "Δ columns compare each model with this one (a model label, or a quant type such as f16)"))
+    gates: dict[str, Gate] = Field(
+        default_factory=lambda: {"q4_0": Gate(vs="f16", max_delta_ppl_pct=5.0)}, description=(
+            "model label (or quant type) -> limits against another model, on every shared eval "
+            "set unless `sets` lists some"))
+    on_fail: Literal["fail", "tag"] = Field("tag", description=(
+        "what a failed gate does: \"fail\" raises after writing the report (the flow run "
+        "fails); \"tag\" records gates_passed=0 in the metrics and carries on"))
 
 
 DATA_FIELDS: tuple[str, ...] = ()
@@ -120,7 +134,41 @@ def build_report(evaluations: dict[str, Path], training_logs: dict[str, Path] | 
     gates = {k: g if isinstance(g, Gate) else Gate(**g) for k, g in (gates or {}).items()}
     if on_fail not in ("fail", "tag"):
         raise ValueError(f"on_fail={on_fail!r}; choose fail or tag")
+    results = _read_evaluations(evaluations)
+    for label, f in training_logs.items():
+        if not Path(f).is_file():
+            raise FileNotFoundError(f"training log `{label}`: {f} not found")
+    labels = list(results)
+    ref = _label(reference, labels) if reference else None
+    gates, skipped = _drop_unevaluated_gates(gates, labels)
+    rows = _rows(results, quant_info)
+    _compare_with_reference(rows, ref)
+    checks = [c for key, g in gates.items() for c in _check_gate(key, g, results, rows, labels)]
+    # None, not True, when nothing was checked (no gates, or every gate skipped): a report must
+    # never claim a pass it did not measure
+    passed = all(c["passed"] for c in checks) if checks else None
+    gates_out = {"passed": passed, "on_fail": on_fail, "checks": checks, "skipped": skipped}
+    mismatches = [r for r in rows if r["vs_ref"] == TOKENS_DIFFER]
 
+    (out_dir / "table.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    (out_dir / "gates.json").write_text(json.dumps(gates_out, indent=1), encoding="utf-8")
+    table_md = markdown_table(rows, ref)
+    (out_dir / "table.md").write_text(table_md + "\n", encoding="utf-8")
+    plots = _plots(rows, labels, training_logs, out_dir, ref=ref,
+                   limits=sorted({(c["model"], c["max_delta_pct"]) for c in checks
+                                  if c.get("metric") == "ppl" and c["vs"] == ref}))
+    report_md = _report_markdown(table_md, ref, mismatches, checks, skipped, plots)
+    (out_dir / "report.md").write_text(report_md, encoding="utf-8")
+
+    if passed is False and on_fail == "fail":
+        raise GateFailed("quality gate(s) failed: " + "; ".join(_failures(checks))
+                         + f" (report in {out_dir})")
+    return {"rows": rows, "gates": gates_out, "passed": passed, "plots": plots,
+            "token_mismatches": len(mismatches)}
+
+
+def _read_evaluations(evaluations: dict[str, Path]) -> dict[str, dict]:
+    """label -> the results.json of that evaluate stage output."""
     results = {}
     for label, d in evaluations.items():
         f = Path(d) / "results.json"
@@ -128,32 +176,45 @@ def build_report(evaluations: dict[str, Path], training_logs: dict[str, Path] | 
             raise FileNotFoundError(f"evaluation `{label}`: {f} not found (not an evaluate "
                                     "stage output)")
         results[label] = json.loads(f.read_text(encoding="utf-8"))
-    for label, f in training_logs.items():
-        if not Path(f).is_file():
-            raise FileNotFoundError(f"training log `{label}`: {f} not found")
-    labels = list(results)
-    ref = _label(reference, labels) if reference else None
-    # a gate on a model this run did not evaluate (e.g. that quant type was not made) is listed
-    # as skipped in gates.json and report.md, never counted as passed
+    return results
+
+
+def _drop_unevaluated_gates(gates: dict[str, Gate], labels) -> tuple[dict[str, Gate], list[dict]]:
+    """(the gates that can be checked, the skipped ones with their reason). A gate on a model this
+    run did not evaluate (e.g. that quant type was not made) is listed as skipped in gates.json and
+    report.md, never counted as passed."""
     skipped = [{"gate": k, "reason": f"no evaluated model `{n}` (models: {labels})"}
                for k, g in gates.items() for n in (k, g.vs) if _label(n, labels) is None]
     gates = {k: g for k, g in gates.items() if k not in {s["gate"] for s in skipped}}
+    return gates, skipped
 
+
+def _rows(results: dict[str, dict], quant_info: dict[str, dict]) -> list[dict]:
+    """One table row per (model, eval set), its "vs ref" and Δ columns still empty."""
     rows = []
-    for label in labels:
+    for label, res in results.items():
         q = quant_info.get(label, {})
-        for set_name, r in results[label]["sets"].items():
+        for set_name, r in res["sets"].items():
             rows.append({
-                "model": label, "set": set_name, "backend": results[label].get("backend"),
+                "model": label, "set": set_name, "backend": res.get("backend"),
                 "protocol": r["protocol"], "n_ctx": r["n_ctx"],
                 "ppl": r["ppl"], "ppl_err": r["ppl_err"], "bits_per_byte": r["bits_per_byte"],
                 "char_ppl": r["char_ppl"], "n_scored": r["n_scored"],
                 "n_text_tokens": r.get("n_text_tokens"), "n_bytes": r["n_bytes"],
-                "n_vocab": results[label].get("n_vocab"), "text_sha256": r.get("text_sha256"),
+                "n_vocab": res.get("n_vocab"), "text_sha256": r.get("text_sha256"),
                 "vs_ref": None, "vs_ref_reason": None,
                 "delta_ppl_pct": None, "delta_bpb_pct": None,
                 "file_size": q.get("file_size"), "bpw": q.get("bpw")})
-    by = {(r["model"], r["set"]): r for r in rows}
+    return rows
+
+
+def _by_model_set(rows: list[dict]) -> dict[tuple[str, str], dict]:
+    return {(r["model"], r["set"]): r for r in rows}
+
+
+def _compare_with_reference(rows: list[dict], ref: str | None) -> None:
+    """Fill each row's "vs ref" status and the Δ columns that status allows (module docstring)."""
+    by = _by_model_set(rows)
     for row in rows:
         rr = by.get((ref, row["set"])) if ref else None
         if rr is None:
@@ -163,42 +224,38 @@ def build_report(evaluations: dict[str, Path], training_logs: dict[str, Path] | 
             row["delta_bpb_pct"] = _pct(row["bits_per_byte"], rr["bits_per_byte"])
         if row["vs_ref"] == SAME and row["n_scored"] == rr["n_scored"]:
             row["delta_ppl_pct"] = _pct(row["ppl"], rr["ppl"])
-    mismatches = [r for r in rows if r["vs_ref"] == TOKENS_DIFFER]
 
+
+def _check_gate(key: str, g: Gate, results: dict[str, dict], rows: list[dict],
+                labels) -> list[dict]:
+    """The checks of gate `key` (its model vs g.vs), one per eval set and limited metric."""
+    by = _by_model_set(rows)
+    label, vs = _label(key, labels), _label(g.vs, labels)
     checks = []
-    for key, g in gates.items():
-        label, vs = _label(key, labels), _label(g.vs, labels)
-        sets = g.sets or [s for s in results[label]["sets"] if s in results[vs]["sets"]]
-        for s in sets:
-            a, b = by.get((label, s)), by.get((vs, s))
-            if a is None or b is None:
-                checks.append({"gate": key, "model": label, "vs": vs, "set": s, "passed": False,
-                               "reason": f"set `{s}` missing from one of the two evaluations"})
+    for s in g.sets or [s for s in results[label]["sets"] if s in results[vs]["sets"]]:
+        a, b = by.get((label, s)), by.get((vs, s))
+        if a is None or b is None:
+            checks.append({"gate": key, "model": label, "vs": vs, "set": s, "passed": False,
+                           "reason": f"set `{s}` missing from one of the two evaluations"})
+            continue
+        status, reason = compare_rows(a, b)
+        if status == TOKENS_DIFFER:   # two token streams: a Δ would measure the tokenizers
+            checks.append({"gate": key, "model": label, "vs": vs, "set": s, "passed": False,
+                           "reason": reason})
+            continue
+        for metric, limit in (("ppl", g.max_delta_ppl_pct), ("bits_per_byte", g.max_delta_bpb_pct)):
+            if limit is None:
                 continue
-            status, reason = compare_rows(a, b)
-            if status == TOKENS_DIFFER:   # two token streams: a Δ would measure the tokenizers
-                checks.append({"gate": key, "model": label, "vs": vs, "set": s, "passed": False,
-                               "reason": reason})
-                continue
-            for metric, limit in (("ppl", g.max_delta_ppl_pct), ("bits_per_byte", g.max_delta_bpb_pct)):
-                if limit is None:
-                    continue
-                delta = _pct(a[metric], b[metric])
-                checks.append({"gate": key, "model": label, "vs": vs, "set": s, "metric": metric,
-                               "value": a[metric], "reference": b[metric], "delta_pct": delta,
-                               "max_delta_pct": limit, "passed": delta is not None and delta <= limit})
-    # None, not True, when nothing was checked (no gates, or every gate skipped): a report must
-    # never claim a pass it did not measure
-    passed = all(c["passed"] for c in checks) if checks else None
-    gates_out = {"passed": passed, "on_fail": on_fail, "checks": checks, "skipped": skipped}
+            delta = _pct(a[metric], b[metric])
+            checks.append({"gate": key, "model": label, "vs": vs, "set": s, "metric": metric,
+                           "value": a[metric], "reference": b[metric], "delta_pct": delta,
+                           "max_delta_pct": limit, "passed": delta is not None and delta <= limit})
+    return checks
 
-    (out_dir / "table.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
-    (out_dir / "gates.json").write_text(json.dumps(gates_out, indent=1), encoding="utf-8")
-    table_md = markdown_table(rows, ref)
-    (out_dir / "table.md").write_text(table_md + "\n", encoding="utf-8")
-    plots = _plots(rows, labels, training_logs, out_dir, ref=ref,
-                   limits=sorted({(c["model"], c["max_delta_pct"]) for c in checks
-                                  if c.get("metric") == "ppl" and c["vs"] == ref}))
+
+def _report_markdown(table_md: str, ref: str | None, mismatches: list[dict], checks: list[dict],
+                     skipped: list[dict], plots: list[str]) -> str:
+    """report.md: the table, the rows not compared, the gates, the skipped gates, the plots."""
     md = ["# llamaflow evaluation report", "", table_md, ""]
     if mismatches:
         md += ["## Token counts differ", "",
@@ -214,15 +271,14 @@ def build_report(evaluations: dict[str, Path], training_logs: dict[str, Path] | 
         md.append("")
     md += [f"Gate `{s['gate']}` skipped: {s['reason']}" for s in skipped] + ([""] if skipped else [])
     md += [f"![{p}]({p})" for p in plots]
-    (out_dir / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    return "\n".join(md) + "\n"
 
-    if passed is False and on_fail == "fail":
-        failed = [f"{c['gate']}/{c['set']}: {c['reason']}" if "reason" in c else
-                  f"{c['gate']}/{c['set']}/{c.get('metric')}: Δ {_fmt(c.get('delta_pct'), 2)}% > "
-                  f"{c.get('max_delta_pct')}%" for c in checks if not c["passed"]]
-        raise GateFailed("quality gate(s) failed: " + "; ".join(failed) + f" (report in {out_dir})")
-    return {"rows": rows, "gates": gates_out, "passed": passed, "plots": plots,
-            "token_mismatches": len(mismatches)}
+
+def _failures(checks: list[dict]) -> list[str]:
+    """One line per failed check, for GateFailed's message."""
+    return [f"{c['gate']}/{c['set']}: {c['reason']}" if "reason" in c else
+            f"{c['gate']}/{c['set']}/{c.get('metric')}: Δ {_fmt(c.get('delta_pct'), 2)}% > "
+            f"{c.get('max_delta_pct')}%" for c in checks if not c["passed"]]
 
 
 def _fmt(v, nd=4):
@@ -249,90 +305,99 @@ def markdown_table(rows: list[dict], reference: str | None) -> str:
 
 def _plots(rows, labels, training_logs, out_dir: Path, *, ref: str | None = None,
            limits: list[tuple[str, float]] = ()) -> list[str]:
+    """Draw the report's plots into out_dir; returns the file names of those there was data for."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    made = []
     sets = list(dict.fromkeys(r["set"] for r in rows))
-    by = {(r["model"], r["set"]): r for r in rows}
+    made = [_plot_ppl_per_stage(plt, rows, labels, sets, out_dir) if rows else None,
+            _plot_loss_curves(plt, training_logs, out_dir) if training_logs else None,
+            _plot_size_vs_ppl(plt, rows, sets, out_dir, ref=ref, limits=limits)]
+    return [name for name in made if name is not None]
 
-    if rows:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for s in sets:
-            xs = [m for m in labels if (m, s) in by]
-            axes[0].plot(xs, [by[m, s]["ppl"] for m in xs], marker="o", label=s)
-            axes[1].plot(xs, [by[m, s]["bits_per_byte"] for m in xs], marker="o", label=s)
-        axes[0].set(title="perplexity per token (same-tokenizer models compare)", ylabel="PPL")
-        axes[0].set_yscale("log")
-        axes[1].set(title="bits per byte (compares across tokenizers)", ylabel="bits/byte")
-        for ax in axes:
-            ax.tick_params(axis="x", rotation=30)
-            ax.legend()
-            ax.grid(alpha=.3)
-        fig.tight_layout()
-        fig.savefig(out_dir / "ppl_per_stage.png", dpi=100)
-        plt.close(fig)
-        made.append("ppl_per_stage.png")
 
-    if training_logs:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for label, f in training_logs.items():
-            recs = read_training_log(f)
-            for key in ("loss", "train_loss", "eval_loss"):
-                pts = [(r["step"], r[key]) for r in recs if isinstance(r.get(key), (int, float))
-                       and "step" in r and math.isfinite(r[key])]
-                if pts:
-                    ax.plot(*zip(*pts), marker="." if key == "eval_loss" else None,
-                            linestyle="--" if key == "eval_loss" else "-", label=f"{label} {key}")
-        ax.set(title="training loss", xlabel="step", ylabel="loss")
-        ax.grid(alpha=.3)
-        if ax.lines:
-            ax.legend()
-        fig.tight_layout()
-        fig.savefig(out_dir / "loss_curves.png", dpi=100)
-        plt.close(fig)
-        made.append("loss_curves.png")
+def _save(plt, fig, out_dir: Path, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(out_dir / name, dpi=100)
+    plt.close(fig)
+    return name
 
-    # Size vs quality of the GGUFs. Perplexity Δ % against the reference, not raw perplexity, so
-    # eval sets with very different perplexities share one axis and a regression is read off
-    # directly (a gate's limit is a dashed line); size on a log axis, since each quant type
-    # roughly halves it; each GGUF named once on the top axis, not once per set beside its points,
-    # where the labels of close sizes piled up.
-    quant = [r for r in rows if r["file_size"] and r.get("delta_ppl_pct") is not None]
-    if quant:
-        from matplotlib.ticker import FormatStrFormatter, NullLocator
 
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        for s in sets:
-            pts = sorted((r["file_size"] / 1e6, r["delta_ppl_pct"]) for r in quant if r["set"] == s)
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=s)
-        ax.axhline(0.0, color="grey", linewidth=0.8)
-        for model, limit in limits:
-            ax.axhline(limit, color="tab:red", linestyle="--", linewidth=0.8)
-            ax.annotate(f"gate {model.removeprefix('gguf-')}: +{limit:g} %", (0.01, limit),
-                        xycoords=("axes fraction", "data"), textcoords="offset points",
-                        xytext=(0, 3), fontsize=8, color="tab:red")
-        ax.set_xscale("log")
-        for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
-            axis(FormatStrFormatter("%g"))
-        sizes = sorted({r["file_size"] / 1e6: r["model"].removeprefix("gguf-") for r in quant}.items())
-        top = ax.secondary_xaxis("top")
-        top.set_xticks([x for x, _ in sizes], labels=[m for _, m in sizes], rotation=40,
-                       fontsize=8, ha="left")
-        top.xaxis.set_minor_locator(NullLocator())
-        ax.set(xlabel="GGUF file size (MB, log scale)",
-               ylabel=f"Δ perplexity vs {ref or 'reference'} (%)")
-        ax.set_title("GGUF size vs perplexity", pad=22)
-        ax.grid(alpha=.3, which="both")
+def _plot_ppl_per_stage(plt, rows, labels, sets, out_dir: Path) -> str:
+    """Perplexity and bits per byte of each model, one line per eval set."""
+    by = _by_model_set(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for s in sets:
+        xs = [m for m in labels if (m, s) in by]
+        axes[0].plot(xs, [by[m, s]["ppl"] for m in xs], marker="o", label=s)
+        axes[1].plot(xs, [by[m, s]["bits_per_byte"] for m in xs], marker="o", label=s)
+    axes[0].set(title="perplexity per token (same-tokenizer models compare)", ylabel="PPL")
+    axes[0].set_yscale("log")
+    axes[1].set(title="bits per byte (compares across tokenizers)", ylabel="bits/byte")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=30)
         ax.legend()
-        fig.tight_layout()
-        fig.savefig(out_dir / "quant_size_vs_ppl.png", dpi=100)
-        plt.close(fig)
-        made.append("quant_size_vs_ppl.png")
-    return made
+        ax.grid(alpha=.3)
+    return _save(plt, fig, out_dir, "ppl_per_stage.png")
+
+
+def _plot_loss_curves(plt, training_logs, out_dir: Path) -> str:
+    """Training (and eval) loss per step of each training run; non-finite losses left out."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, f in training_logs.items():
+        recs = read_training_log(f)
+        for key in ("loss", "train_loss", "eval_loss"):
+            pts = [(r["step"], r[key]) for r in recs if isinstance(r.get(key), (int, float))
+                   and "step" in r and math.isfinite(r[key])]
+            if pts:
+                ax.plot(*zip(*pts), marker="." if key == "eval_loss" else None,
+                        linestyle="--" if key == "eval_loss" else "-", label=f"{label} {key}")
+    ax.set(title="training loss", xlabel="step", ylabel="loss")
+    ax.grid(alpha=.3)
+    if ax.lines:
+        ax.legend()
+    return _save(plt, fig, out_dir, "loss_curves.png")
+
+
+def _plot_size_vs_ppl(plt, rows, sets, out_dir: Path, *, ref: str | None,
+                      limits: list[tuple[str, float]]) -> str | None:
+    """Size vs quality of the GGUFs (None when no GGUF row has a ΔPPL). Perplexity Δ % against
+    the reference, not raw perplexity, so eval sets with very different perplexities share one
+    axis and a regression is read off directly (a gate's limit is a dashed line); size on a log
+    axis, since each quant type roughly halves it; each GGUF named once on the top axis, not once
+    per set beside its points, where the labels of close sizes piled up."""
+    quant = [r for r in rows if r["file_size"] and r.get("delta_ppl_pct") is not None]
+    if not quant:
+        return None
+    from matplotlib.ticker import FormatStrFormatter, NullLocator
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for s in sets:
+        pts = sorted((r["file_size"] / 1e6, r["delta_ppl_pct"]) for r in quant if r["set"] == s)
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=s)
+    ax.axhline(0.0, color="grey", linewidth=0.8)
+    for model, limit in limits:
+        ax.axhline(limit, color="tab:red", linestyle="--", linewidth=0.8)
+        ax.annotate(f"gate {model.removeprefix('gguf-')}: +{limit:g} %", (0.01, limit),
+                    xycoords=("axes fraction", "data"), textcoords="offset points",
+                    xytext=(0, 3), fontsize=8, color="tab:red")
+    ax.set_xscale("log")
+    for axis in (ax.xaxis.set_major_formatter, ax.xaxis.set_minor_formatter):
+        axis(FormatStrFormatter("%g"))
+    sizes = sorted({r["file_size"] / 1e6: r["model"].removeprefix("gguf-") for r in quant}.items())
+    top = ax.secondary_xaxis("top")
+    top.set_xticks([x for x, _ in sizes], labels=[m for _, m in sizes], rotation=40,
+                   fontsize=8, ha="left")
+    top.xaxis.set_minor_locator(NullLocator())
+    ax.set(xlabel="GGUF file size (MB, log scale)",
+           ylabel=f"Δ perplexity vs {ref or 'reference'} (%)")
+    ax.set_title("GGUF size vs perplexity", pad=22)
+    ax.grid(alpha=.3, which="both")
+    ax.legend()
+    return _save(plt, fig, out_dir, "quant_size_vs_ppl.png")
 
 
 def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = None,

@@ -19,18 +19,23 @@ max_bad_fraction of either aborts before training.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 from pydantic import Field
 
-from steps import MetricsCallback
-from steps.training import (LearningRate, TrainConfig, WarmupRatio, WeightDecay,
-                            cache_key, data_files, dataset_dir, execute,
-                            run_training, save_splits, sha256_files, tokenizer_digest,
-                            with_data, worker_main)
+from steps import MetricsCallback, Stage
+from steps.digests import sha256_files, tokenizer_digest
+from steps.files import data_files
+from steps.tokenizer import tokenizer_source
+from steps.train import run_training
+from steps.train.config import (RESULT_NEUTRAL, LearningRate, TrainConfig, ValidationSplit,
+                                WarmupRatio, WeightDecay, stage_default, with_data)
+from steps.train.data import cache_key, prepared, save_splits, split, split_sizes
+from steps.train.launch import execute, worker_main
 
 VERSION = "3"
+# checkpoints in scratch (a rerun resumes), tokenized data in the workspace's data cache
+STAGE = Stage(gpu=True, resumable=True, data_cache=True)
 PREP_VERSION = "sft-1"
 SUFFIXES = (".json", ".jsonl")
 IGNORE_INDEX = -100
@@ -44,26 +49,38 @@ log = logging.getLogger(__name__)
 
 
 class Config(TrainConfig):
-    """Defaults = Chinese-LLaMA-Alpaca v1 run_sft.sh (lr 1e-4, cosine, warmup 0.03, wd 0,
+    """sft stage: LoRA instruction tuning on top of base-zh with the pretrain adapter folded in.
+    Defaults = Chinese-LLaMA-Alpaca v1 run_sft.sh (lr 1e-4, cosine, warmup 0.03, wd 0,
     r 8 / alpha 32 / dropout 0.05 on the 7 projections, embed_tokens+lm_head saved,
-    max_seq_length 512, batch 1 x accumulation 8, 1 epoch, eval every 100 steps)."""
-    data: list[str] = Field(default_factory=list)            # Alpaca .json / .jsonl files or dirs
-    validation_data: list[str] = Field(default_factory=list)  # separate eval files (recipe); else split
-    validation_split: float = Field(0.01, ge=0, lt=1)         # used when validation_data is empty
-    prompt_template: str = ALPACA_ZH_TEMPLATE                # must contain "{instruction}"
-    max_seq_length: int = Field(512, ge=8)
-    packing: bool = False            # concatenate examples into max_seq_length rows (no padding)
-    pad_token: str | None = "[PAD]"  # added when the tokenizer has no pad token (v1: 49954 rows)
-    max_bad_fraction: float = Field(0.1, ge=0, le=1)
-    learning_rate: LearningRate = 1e-4
-    warmup_ratio: WarmupRatio = 0.03
-    weight_decay: WeightDecay = 0.0
+    max_seq_length 512, batch 1 x accumulation 8, 1 epoch, eval every 100 steps).
+    Plus / LLaMA-2 preset: lora.r=64, lora.alpha=128; the LLaMA-2 chat template is
+    prompt_template in conf/recipe/chinese-llama2-alpaca2.yaml."""
+    data: list[str] = Field(default_factory=list, description=(
+        "Alpaca-format files or dirs (.json array or JSON Lines; instruction, input, output). "
+        "Hashed into the cache key, as is validation_data."))
+    validation_data: list[str] = Field(default_factory=list, description=(
+        "separate eval files (the recipe's --validation_file); else a split:"))
+    validation_split: ValidationSplit = stage_default(
+        "validation_split", 0.01, "fraction of examples held out when validation_data is empty")
+    prompt_template: str = Field(ALPACA_ZH_TEMPLATE, description=(
+        'Chinese-Alpaca v1 template, exactly; note the space after "### Response:". '
+        '{instruction} is instruction + "\\n" + input when input is non-empty. Must contain '
+        '"{instruction}".'))
+    max_seq_length: int = Field(512, ge=8, description="prompt + output + EOS truncated to this "
+                                                       "many tokens")
+    packing: bool = Field(False, description="concatenate examples into max_seq_length rows (no "
+                                             "padding)")
+    pad_token: str | None = Field("[PAD]", description="added when the tokenizer has none (v1: "
+                                                       "49953 -> 49954 rows)")
+    max_bad_fraction: float = Field(0.1, ge=0, le=1, description=(
+        "abort if more records than this are bad (they are counted and logged)"))
+    learning_rate: LearningRate = stage_default("learning_rate", 1e-4)
+    warmup_ratio: WarmupRatio = stage_default("warmup_ratio", 0.03)
+    weight_decay: WeightDecay = stage_default("weight_decay", 0.0)
 
 
 DATA_FIELDS = ("data", "validation_data")
-# Checkpointing and the launcher timeout change neither the adapter nor its log (resume is
-# bitwise exact), so a longer timeout resumes the same run instead of starting a new key.
-CACHE_EXCLUDE = ("save_every", "save_total_limit", "launcher.timeout_s")
+CACHE_EXCLUDE = RESULT_NEUTRAL          # checkpointing and the launcher timeout
 DIGEST_EXCLUDE = ("trainer_log.jsonl",)   # its tokens_per_s differ run to run; the adapter doesn't
 
 
@@ -74,10 +91,7 @@ def load_tokenizer(model: Path, adapters: list[Path], pad_token: str | None):
     plus pad_token when it has none."""
     from transformers import AutoTokenizer
 
-    src = Path(model)
-    for a in adapters:
-        if any((Path(a) / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
-            src = Path(a)
+    src = tokenizer_source(model, adapters)
     tok = AutoTokenizer.from_pretrained(src)
     if tok.pad_token is None:
         if pad_token is None:
@@ -219,6 +233,39 @@ def _worker(cfg: Config, out_dir: Path, *, on_metrics=None, model: str, adapters
                         resume_dir=resume_dir, on_metrics=on_metrics, extra_info=info)
 
 
+def data_key(config: Config, files: list[Path], val_files: list[Path], tokenizer,
+             tokenizer_dir: Path) -> str:
+    """The data cache key: data files and tokenizer by content, and every setting the
+    tokenized examples depend on."""
+    return "sft-" + cache_key({
+        "v": PREP_VERSION, "files": [sha256_files([f]) for f in files],
+        "val": [sha256_files([f]) for f in val_files], "tokenizer": tokenizer_digest(tokenizer_dir),
+        "pad": tokenizer.pad_token, "template": config.prompt_template,
+        "max_len": config.max_seq_length, "packing": config.packing,
+        "split": config.validation_split, "seed": config.seed,
+        "max_bad": config.max_bad_fraction})
+
+
+def _builder(config: Config, files: list[Path], val_files: list[Path], tokenizer):
+    """build(dir) for data.prepared: the examples of `files` (eval: val_files, else a split),
+    saved with their record and bad-record counts as meta."""
+    def build(ddir: Path) -> dict:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="llamaflow-sft-") as work:
+            train_ds, n_records, counts = build_examples(files, tokenizer, config, Path(work),
+                                                         "sft.data")
+            if val_files:
+                eval_ds, _, _ = build_examples(val_files, tokenizer, config, Path(work),
+                                               "sft.validation_data")
+            else:
+                train_ds, eval_ds = split(train_ds, config.validation_split, config.seed)
+            meta = {"records": n_records, "bad": counts}
+            save_splits({"train": train_ds, "eval": eval_ds}, ddir, meta)
+        return meta
+    return build
+
+
 def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = None,
         model: Path, adapters: list[Path] | tuple = (), resume_dir: Path | None = None,
         data_cache_dir: Path | None = None) -> dict:
@@ -245,36 +292,10 @@ def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = N
     val_files = data_files(config.validation_data, SUFFIXES, "sft.validation_data") \
         if config.validation_data else []
     tokenizer, tok_src = load_tokenizer(model, adapters, config.pad_token)
-    key = "sft-" + cache_key({
-        "v": PREP_VERSION, "files": [sha256_files([f]) for f in files],
-        "val": [sha256_files([f]) for f in val_files], "tokenizer": tokenizer_digest(tok_src),
-        "pad": tokenizer.pad_token, "template": config.prompt_template,
-        "max_len": config.max_seq_length, "packing": config.packing,
-        "split": config.validation_split, "seed": config.seed,
-        "max_bad": config.max_bad_fraction})
-    with dataset_dir(Path(data_cache_dir) if data_cache_dir else None, key) as (ddir, hit):
-        if hit:
-            import json
-            meta = json.loads((ddir / "meta.json").read_text())
-            log.info("tokenized data: cache hit %s", ddir)
-        else:
-            import tempfile
-            with tempfile.TemporaryDirectory(prefix="llamaflow-sft-") as work:
-                train_ds, n_records, counts = build_examples(files, tokenizer, config, Path(work),
-                                                             "sft.data")
-                eval_ds = None
-                if val_files:
-                    eval_ds, _, _ = build_examples(val_files, tokenizer, config, Path(work),
-                                                   "sft.validation_data")
-                elif config.validation_split > 0:
-                    n_eval = math.ceil(config.validation_split * len(train_ds))
-                    if 1 <= n_eval < len(train_ds):
-                        s = train_ds.train_test_split(test_size=n_eval, seed=config.seed)
-                        train_ds, eval_ds = s["train"], s["test"]
-                meta = {"records": n_records, "bad": counts}
-                save_splits({"train": train_ds, "eval": eval_ds}, ddir, meta)
-        n_train = len(datasets.load_from_disk(str(ddir / "train")))
-        n_eval = len(datasets.load_from_disk(str(ddir / "eval"))) if (ddir / "eval").is_dir() else 0
+    key = data_key(config, files, val_files, tokenizer, tok_src)
+    build = _builder(config, files, val_files, tokenizer)
+    with prepared(data_cache_dir, key, build) as (ddir, meta, hit):
+        n_train, n_eval = split_sizes(ddir)
         counts = meta["bad"]
         bad_total = sum(v for k, v in counts.items() if k != "no_target_after_truncation")
         log.info("sft data: %d records, %d bad %s, %d train / %d eval examples", meta["records"],

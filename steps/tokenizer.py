@@ -25,6 +25,24 @@ from pathlib import Path
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
 
+
+def carries_tokenizer(directory: Path) -> bool:
+    """Whether a model or adapter dir has a tokenizer of its own (HF or SentencePiece file)."""
+    return any((Path(directory) / f).is_file() for f in ("tokenizer.json", "tokenizer.model"))
+
+
+def tokenizer_source(model_dir: Path, adapters=()) -> Path:
+    """The dir whose tokenizer goes with `model_dir` once `adapters` are applied in order: the
+    last adapter that carries a tokenizer, else the model's own. An adapter that grew the
+    vocabulary (SFT's [PAD]) carries the tokenizer it was trained with, and every later user of
+    the model (training on top, merge, evaluate) must tokenize with that one."""
+    src = Path(model_dir)
+    for a in adapters:
+        if carries_tokenizer(a):
+            src = Path(a)
+    return src
+
+
 # sentencepiece_model_pb2 piece types
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 

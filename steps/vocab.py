@@ -1,6 +1,7 @@
 """vocab stage: train or take a Chinese SentencePiece model, merge it into the LLaMA tokenizer,
-and resize the model's embeddings to the merged vocabulary (Chinese-LLaMA-Alpaca, section 3 of the
-recipe reference).
+and resize the model's embeddings to the merged vocabulary (Chinese-LLaMA-Alpaca's
+merge_tokenizers.py and resize_token_embeddings; docs/recipe.md, "Appended pieces need scores that
+order them").
 
 The merge works on the SentencePiece ModelProto, as the recipe's merge_tokenizers.py does: the base
 pieces keep their ids, scores and order; each extra piece not already present is appended. Two
@@ -36,10 +37,13 @@ from typing import Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from steps import Stage
+from steps.files import data_files
 from steps.tokenizer import (NORMAL, TOKENIZER_FILES, UNUSED, USER_DEFINED, load_sp_proto,
                              save_hf_tokenizer)
 
 VERSION = "3"
+STAGE = Stage()
 
 TRAIN_THREADS = 2   # SentencePiece trainer threads when none are given (see Config.num_threads)
 
@@ -49,28 +53,63 @@ ScoreStrategy = Literal["rank", "zero"]
 
 
 class Config(BaseModel):
+    """vocab stage: merge a Chinese SentencePiece model into the model's LLaMA tokenizer and
+    resize embed_tokens/lm_head to the merged vocabulary. Defaults = Chinese-LLaMA."""
     model_config = ConfigDict(extra="forbid")
-    # An existing SentencePiece model to merge (e.g. Chinese-LLaMA-Alpaca's chinese_sp.model);
-    # None: train one on `corpus` with the settings below.
-    extra_sp: Path | None = None
-    corpus: list[Path] | Path | None = None
-    vocab_size: int = 20000
-    model_type: Literal["unigram", "bpe"] = "unigram"
-    character_coverage: float = 0.9995
-    input_sentence_size: int = 2_000_000
+    extra_sp: Path | None = Field(None, description=(
+        "an existing SentencePiece model to merge, e.g. Chinese-LLaMA-Alpaca's 20K "
+        "chinese_sp.model (LLaMA 32000 + its 17953 new pieces = 49953). null: train one on "
+        "`corpus` with the settings below"))
+    corpus: list[Path] | Path | None = Field(None, description=(
+        "text to train the extra model on when extra_sp is null: files or directories of .txt "
+        "(one text per line) and .jsonl (a `text` field per line); streamed, never loaded whole"))
+    vocab_size: int = Field(20000, description=(
+        "trainer settings (those of chinese_sp.model) from here to character_coverage. "
+        "vocab_size counts the extra model's own pieces; the ones LLaMA already has are skipped "
+        "at merge time"))
+    model_type: Literal["unigram", "bpe"] = Field("unigram", description="unigram | bpe")
+    character_coverage: float = Field(0.9995, description="share of the corpus's characters the "
+                                                          "pieces cover")
+    input_sentence_size: int = Field(2_000_000, description="lines the trainer samples at random "
+                                                            "from the corpus (0: all of them)")
     # The trained model depends on the thread count (the trainer splits the sentences among its
     # threads and sums their counts in that order), so it is a fixed number, part of the cache
     # key, never this machine's core count: the same corpus gives the same pieces everywhere.
-    num_threads: int = Field(TRAIN_THREADS, ge=1)
-    mode: Mode = "all"
-    pad_token: str | None = None            # "[PAD]" for Chinese-Alpaca's 49954
-    pad_to_multiple_of: int | None = None   # e.g. 256 so K-quants divide the rows
-    score_strategy: ScoreStrategy = "rank"
-    init: Init = "mean"
-    seed: int = 0
-    eval_zh: Path | None = None
-    eval_en: Path | None = None
-
+    num_threads: int = Field(TRAIN_THREADS, ge=1, description=(
+        "trainer threads; fixed, not the core count: the trained pieces depend on it"))
+    mode: Mode = Field("all", description=(
+        "all: append every missing piece (the recipe; it also retokenizes ~55% of English lines, "
+        "since chinese_sp brings Latin and digit pieces). cjk: only pieces with a CJK character "
+        "(English stays tokenized exactly as before; Chinese ratio 0.470 instead of 0.457 of the "
+        "base token count)"))
+    pad_token: str | None = Field(None, description=(
+        "Chinese-Alpaca adds \"[PAD]\" as one more special token (49954); null for Chinese-LLaMA "
+        "(49953)"))
+    pad_to_multiple_of: int | None = Field(None, description=(
+        "append unused pieces until len(tokenizer) is a multiple of this (256: every K-quant "
+        "divides the rows; Chinese-LLaMA-2 chose 55296 = 216 x 256). null: no padding"))
+    score_strategy: ScoreStrategy = Field("rank", description=(
+        "scores of appended pieces (the pieces and their ids are the same either way).\n"
+        "rank: continue the base's descending scores, so Hugging Face and SentencePiece/llama.cpp "
+        "give the same ids on every line. SentencePiece then segments some lines otherwise than "
+        "the recipe's merged tokenizer.model (61% of CLUE lines with chinese_sp; 457,389 vs "
+        "456,726 tokens): the vocab run's differs_from_recipe_lines_* metrics measure it on "
+        "eval_zh/eval_en.\n"
+        "zero: the recipe's score 0, i.e. its tokenizer.model exactly (SentencePiece and "
+        "llama.cpp segment as upstream); the HF tokenizer the training stages use then gives "
+        "other ids on ~61% of Chinese lines (hf_sp_mismatch_lines_*), as SentencePiece breaks "
+        "score ties by position.\n"
+        "Each run records its choice: the stage's MLflow params and vocab_report.json "
+        "(score_strategy, score_strategy_effect)"))
+    init: Init = Field("mean", description=(
+        "new embedding/lm_head rows: mean (of the old rows), subword_mean (of the old rows of "
+        "the pieces the base tokenizer splits each new piece into), normal (N(0, "
+        "initializer_range), seeded)"))
+    seed: int = Field(0, description="seed of the trainer's sentence sampling and of "
+                                         "init=normal")
+    eval_zh: Path | None = Field(None, description=(
+        "held-out Chinese text for tokens-per-character before and after (optional)"))
+    eval_en: Path | None = Field(None, description="held-out English text, the same (optional)")
 
 DATA_FIELDS = ("extra_sp", "corpus", "eval_zh", "eval_en")
 
@@ -81,8 +120,6 @@ DATA_FIELDS = ("extra_sp", "corpus", "eval_zh", "eval_en")
 
 def _corpus_files(corpus: list[Path] | Path) -> list[Path]:
     """.txt (one text per line) and .jsonl (a `text` field per line) files, directories expanded."""
-    from steps.training import data_files
-
     return data_files([corpus] if isinstance(corpus, (str, Path)) else corpus,
                       (".txt", ".jsonl"), "vocab.corpus")
 
@@ -230,54 +267,10 @@ def merge_tokenizers(base_sp: Path, extra_sp: Path, out_dir: Path, mode: Mode = 
         raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of}: must be a positive integer")
 
     base_count = len(base.pieces)
-    seen = {p.piece for p in base.pieces}
-    # Below every base score except LLaMA's -1e9 whitespace-run pieces, which must stay last.
-    normal_scores = [p.score for p in base.pieces if p.type == NORMAL and p.score > -1e8]
-    next_score = (min(normal_scores) if normal_scores else 0.0) - 1.0
-    counts = dict(duplicates=0, skipped_non_cjk=0, skipped_special=0, added_chars=0,
-                  unused_pieces=0)
-    added: list[str] = []
-
-    def append(piece: str, kind: int = NORMAL) -> None:
-        nonlocal next_score
-        new = base.pieces.add()
-        new.piece, new.type = piece, kind
-        new.score = 0.0 if score_strategy == "zero" or kind != NORMAL else next_score
-        if kind == NORMAL and score_strategy == "rank":
-            next_score -= 1.0
-        seen.add(piece)
-        added.append(piece)
-
-    for p in extra.pieces:
-        if p.type not in (NORMAL, USER_DEFINED):  # <unk>, <s>, </s>, byte and unused pieces
-            counts["skipped_special"] += 1
-            continue
-        if p.piece in seen:
-            counts["duplicates"] += 1
-            continue
-        if mode == "cjk" and not has_cjk(p.piece):
-            counts["skipped_non_cjk"] += 1
-            continue
-        append(p.piece, p.type)
-    # A character missing from the vocabulary becomes byte pieces in HF's BPE before any merge,
-    # while SentencePiece merges raw characters: add it so both reach the pieces containing it.
-    # (Single characters are never merge results, so their place and score change no merge.)
-    for piece in list(added):
-        for ch in piece if len(piece) > 1 else ():
-            if ch not in seen:
-                append(ch)
-                counts["added_chars"] += 1
-
-    n_pieces = len(base.pieces)
-    extra_tokens = 1 if pad_token is not None and pad_token not in seen else 0
-    n_unused = (-(n_pieces + extra_tokens)) % pad_to_multiple_of if pad_to_multiple_of else 0
-    i = 0
-    while n_unused:
-        if f"<unused{i}>" not in seen:
-            append(f"<unused{i}>", UNUSED)
-            counts["unused_pieces"] += 1
-            n_unused -= 1
-        i += 1
+    merged = _MergedPieces(base, score_strategy)
+    counts = _append_extra_pieces(merged, extra, mode)
+    counts["added_chars"] = _append_missing_chars(merged)
+    counts["unused_pieces"] = _append_unused_pieces(merged, pad_token, pad_to_multiple_of)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     model_file = out_dir / "tokenizer.model"
@@ -288,11 +281,82 @@ def merge_tokenizers(base_sp: Path, extra_sp: Path, out_dir: Path, mode: Mode = 
                   score_strategy_effect=SCORE_STRATEGY_EFFECT[score_strategy],
                   base_pieces=base_count,
                   extra_pieces=len(extra.pieces),
-                  pieces_added=len(added) - counts["unused_pieces"],
+                  pieces_added=len(merged.added) - counts["unused_pieces"],
                   merged_pieces=len(base.pieces), pad_token=pad_token, tokenizer_size=n_tokens,
                   pad_to_multiple_of=pad_to_multiple_of, **counts)
     (out_dir / "vocab_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     return out_dir
+
+
+class _MergedPieces:
+    """The base ModelProto being appended to, the pieces it holds, and the score the next
+    appended normal piece gets."""
+
+    def __init__(self, proto, score_strategy: ScoreStrategy):
+        self.proto, self.score_strategy = proto, score_strategy
+        self.seen = {p.piece for p in proto.pieces}
+        self.added: list[str] = []
+        # Below every base score except LLaMA's -1e9 whitespace-run pieces, which must stay last.
+        normal_scores = [p.score for p in proto.pieces if p.type == NORMAL and p.score > -1e8]
+        self.next_score = (min(normal_scores) if normal_scores else 0.0) - 1.0
+
+    def append(self, piece: str, kind: int = NORMAL) -> None:
+        new = self.proto.pieces.add()
+        new.piece, new.type = piece, kind
+        new.score = 0.0 if self.score_strategy == "zero" or kind != NORMAL else self.next_score
+        if kind == NORMAL and self.score_strategy == "rank":
+            self.next_score -= 1.0
+        self.seen.add(piece)
+        self.added.append(piece)
+
+
+def _append_extra_pieces(merged: _MergedPieces, extra, mode: Mode) -> dict[str, int]:
+    """Append extra's normal and user-defined pieces the base lacks (in mode "cjk" only those with
+    a CJK character); returns how many were duplicates, not CJK, or special."""
+    counts = dict(duplicates=0, skipped_non_cjk=0, skipped_special=0)
+    for p in extra.pieces:
+        if p.type not in (NORMAL, USER_DEFINED):  # <unk>, <s>, </s>, byte and unused pieces
+            counts["skipped_special"] += 1
+            continue
+        if p.piece in merged.seen:
+            counts["duplicates"] += 1
+            continue
+        if mode == "cjk" and not has_cjk(p.piece):
+            counts["skipped_non_cjk"] += 1
+            continue
+        merged.append(p.piece, p.type)
+    return counts
+
+
+def _append_missing_chars(merged: _MergedPieces) -> int:
+    """Append each character of an appended piece that has no piece of its own; returns how many.
+
+    A character missing from the vocabulary becomes byte pieces in HF's BPE before any merge,
+    while SentencePiece merges raw characters: add it so both reach the pieces containing it.
+    (Single characters are never merge results, so their place and score change no merge.)"""
+    n = 0
+    for piece in list(merged.added):
+        for ch in piece if len(piece) > 1 else ():
+            if ch not in merged.seen:
+                merged.append(ch)
+                n += 1
+    return n
+
+
+def _append_unused_pieces(merged: _MergedPieces, pad_token: str | None,
+                          pad_to_multiple_of: int | None) -> int:
+    """Append "<unused{i}>" pieces until the tokenizer (pieces + pad_token when new) has a
+    multiple of pad_to_multiple_of tokens; returns how many."""
+    n_pieces = len(merged.proto.pieces)
+    extra_tokens = 1 if pad_token is not None and pad_token not in merged.seen else 0
+    n_unused = (-(n_pieces + extra_tokens)) % pad_to_multiple_of if pad_to_multiple_of else 0
+    appended, i = 0, 0
+    while appended < n_unused:
+        if f"<unused{i}>" not in merged.seen:
+            merged.append(f"<unused{i}>", UNUSED)
+            appended += 1
+        i += 1
+    return appended
 
 
 # --------------------------------------------------------------------------------------------
@@ -371,12 +435,51 @@ def extend_model(model_dir: Path, tokenizer_dir: Path, out_dir: Path, init: Init
     tokenizer splits the new piece into (mean for pad/unused pieces); normal:
     N(0, initializer_range) from `seed`. Tensors are streamed one at a time."""
     import torch
-    from safetensors import safe_open
 
     from steps.checks import tokenizer_size
-    from steps.safetensors_io import ST_DTYPES, read_header, read_metadata, write_safetensors
 
     model_dir, tokenizer_dir, out_dir = Path(model_dir), Path(tokenizer_dir), Path(out_dir)
+    shards = _extend_inputs(model_dir, tokenizer_dir, init)
+    config = json.loads((model_dir / "config.json").read_text())
+    old_vocab = int(config["vocab_size"])
+    new_vocab, _ = tokenizer_size(tokenizer_dir)
+    if new_vocab < old_vocab:
+        raise ValueError(f"{tokenizer_dir} has {new_vocab} tokens but {model_dir} already has "
+                         f"{old_vocab}: a merged tokenizer only appends pieces")
+    merged = load_sp_proto(tokenizer_dir / "tokenizer.model")
+    base = _base_tokenizer(model_dir, tokenizer_dir, merged, init)
+    n_new = new_vocab - old_vocab
+    subwords = _new_piece_subwords(base, merged, old_vocab, n_new) if init == "subword_mean" \
+        else [None] * n_new
+    std = float(config.get("initializer_range", 0.02))
+
+    def grow(name: str, t):
+        # embed_tokens and lm_head draw from different streams (seed, seed + 1)
+        return torch.cat([t, _new_rows(t, n_new, init, subwords, std,
+                                       seed + name.endswith("lm_head.weight"))])
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    resized = [name for shard in shards
+               for name in _extend_shard(shard, out_dir / shard.name, old_vocab, new_vocab, grow)]
+    if not any(n.endswith("embed_tokens.weight") for n in resized):
+        raise ValueError(f"no embed_tokens.weight in {model_dir}/*.safetensors")
+    _write_shard_index(model_dir, out_dir, shards)
+    config["vocab_size"] = new_vocab
+    pad_id = _pad_token_id(tokenizer_dir)
+    if pad_id is not None:
+        config["pad_token_id"] = pad_id
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if (model_dir / "generation_config.json").is_file():
+        shutil.copyfile(model_dir / "generation_config.json", out_dir / "generation_config.json")
+    for f in TOKENIZER_FILES:
+        if (tokenizer_dir / f).is_file():
+            shutil.copyfile(tokenizer_dir / f, out_dir / f)
+    return out_dir
+
+
+def _extend_inputs(model_dir: Path, tokenizer_dir: Path, init: str) -> list[Path]:
+    """Fail early on a bad init or an input dir that is not what extend_model reads; returns the
+    model's safetensors shards."""
     if init not in ("mean", "subword_mean", "normal"):
         raise ValueError(f"init={init!r}: use 'mean', 'subword_mean' or 'normal'")
     for f in ("tokenizer.model", "tokenizer.json"):
@@ -391,14 +494,12 @@ def extend_model(model_dir: Path, tokenizer_dir: Path, out_dir: Path, init: Init
     if not shards:
         raise FileNotFoundError(f"no *.safetensors in {model_dir}: extend_model reads safetensors "
                                 "(the convert stage writes them)")
-    config = json.loads(config_file.read_text())
-    old_vocab = int(config["vocab_size"])
-    new_vocab, _ = tokenizer_size(tokenizer_dir)
-    if new_vocab < old_vocab:
-        raise ValueError(f"{tokenizer_dir} has {new_vocab} tokens but {model_dir} already has "
-                         f"{old_vocab}: a merged tokenizer only appends pieces")
-    merged = load_sp_proto(tokenizer_dir / "tokenizer.model")
-    base = None
+    return shards
+
+
+def _base_tokenizer(model_dir: Path, tokenizer_dir: Path, merged, init: str):
+    """The model's own tokenizer.model (None when it has none), after checking that `merged` kept
+    every one of its pieces at its id; subword_mean cannot do without it."""
     if (model_dir / "tokenizer.model").is_file():
         base = load_sp_proto(model_dir / "tokenizer.model")
         moved = [i for i, p in enumerate(base.pieces)
@@ -407,45 +508,55 @@ def extend_model(model_dir: Path, tokenizer_dir: Path, out_dir: Path, init: Init
             raise ValueError(f"{tokenizer_dir / 'tokenizer.model'} was not merged from "
                              f"{model_dir / 'tokenizer.model'}: base piece id {moved[0]} differs; "
                              "merge the extra vocabulary into this model's own tokenizer")
-    elif init == "subword_mean":
+        return base
+    if init == "subword_mean":
         raise FileNotFoundError(f"{model_dir / 'tokenizer.model'} not found: init='subword_mean' "
                                 "splits new pieces with the base tokenizer")
+    return None
 
-    n_new = new_vocab - old_vocab
+
+def _new_piece_subwords(base, merged, old_vocab: int, n_new: int) -> list[list[int] | None]:
+    """For each new row, the old-vocabulary ids the base tokenizer splits its piece into; None for
+    rows with no normal or user-defined piece (pad, unused)."""
     subwords: list[list[int] | None] = [None] * n_new
-    if init == "subword_mean" and n_new:
+    if n_new:
         idx = [j for j in range(n_new) if old_vocab + j < len(merged.pieces)
                and merged.pieces[old_vocab + j].type in (NORMAL, USER_DEFINED)]
         for j, ids in zip(idx, _subword_ids(base, [merged.pieces[old_vocab + j].piece for j in idx])):
             subwords[j] = [i for i in ids if i < old_vocab]
-    std = float(config.get("initializer_range", 0.02))
+    return subwords
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    resized = {}
-    for shard in shards:
-        specs = []
-        for name, info in read_header(shard).items():
-            shape = info.shape
-            if name.endswith(("embed_tokens.weight", "lm_head.weight")):
-                if shape[0] != old_vocab:
-                    raise ValueError(f"{shard}: {name} has {shape[0]} rows but config.json "
-                                     f"vocab_size is {old_vocab}; fix the input model first")
-                shape = (new_vocab, *shape[1:])
-                resized[name] = shape
-            specs.append((name, shape, ST_DTYPES[info.dtype]))
-        with safe_open(str(shard), framework="pt") as st:
-            def tensors():
-                for name, _, _ in specs:
-                    t = st.get_tensor(name)
-                    if name in resized and n_new:
-                        # embed_tokens and lm_head draw from different streams (seed, seed + 1)
-                        t = torch.cat([t, _new_rows(t, n_new, init, subwords, std,
-                                                    seed + name.endswith("lm_head.weight"))])
-                    yield name, t
 
-            write_safetensors(out_dir / shard.name, specs, tensors(), read_metadata(shard))
-    if not any(n.endswith("embed_tokens.weight") for n in resized):
-        raise ValueError(f"no embed_tokens.weight in {model_dir}/*.safetensors")
+def _extend_shard(shard: Path, out_file: Path, old_vocab: int, new_vocab: int, grow) -> list[str]:
+    """Copy one safetensors shard to out_file, tensor by tensor, with the embed_tokens/lm_head
+    rows grown from old_vocab to new_vocab by grow(name, tensor); returns the names resized."""
+    from safetensors import safe_open
+
+    from steps.safetensors_io import ST_DTYPES, read_header, read_metadata, write_safetensors
+
+    specs, resized = [], []
+    for name, info in read_header(shard).items():
+        shape = info.shape
+        if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            if shape[0] != old_vocab:
+                raise ValueError(f"{shard}: {name} has {shape[0]} rows but config.json "
+                                 f"vocab_size is {old_vocab}; fix the input model first")
+            shape = (new_vocab, *shape[1:])
+            resized.append(name)
+        specs.append((name, shape, ST_DTYPES[info.dtype]))
+    with safe_open(str(shard), framework="pt") as st:
+        def tensors():
+            for name, _, _ in specs:
+                t = st.get_tensor(name)
+                yield name, grow(name, t) if name in resized and new_vocab > old_vocab else t
+
+        write_safetensors(out_file, specs, tensors(), read_metadata(shard))
+    return resized
+
+
+def _write_shard_index(model_dir: Path, out_dir: Path, shards: list[Path]) -> None:
+    """A sharded model's index with the total size of the resized shards."""
+    from steps.safetensors_io import read_header
 
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
@@ -453,22 +564,18 @@ def extend_model(model_dir: Path, tokenizer_dir: Path, out_dir: Path, init: Init
         data.setdefault("metadata", {})["total_size"] = sum(
             info.nbytes for shard in shards for info in read_header(out_dir / shard.name).values())
         (out_dir / index.name).write_text(json.dumps(data, indent=2))
-    config["vocab_size"] = new_vocab
+
+
+def _pad_token_id(tokenizer_dir: Path) -> int | None:
+    """The id of tokenizer_config.json's pad_token in the merged tokenizer (None when unset)."""
     tok_cfg = json.loads((tokenizer_dir / "tokenizer_config.json").read_text()) \
         if (tokenizer_dir / "tokenizer_config.json").is_file() else {}
-    if tok_cfg.get("pad_token"):
-        vocab = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
-        pad_ids = [t["id"] for t in vocab.get("added_tokens", []) if t["content"] == tok_cfg["pad_token"]]
-        pad_ids = pad_ids or [vocab["model"]["vocab"].get(tok_cfg["pad_token"])]
-        if pad_ids[0] is not None:
-            config["pad_token_id"] = pad_ids[0]
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if (model_dir / "generation_config.json").is_file():
-        shutil.copyfile(model_dir / "generation_config.json", out_dir / "generation_config.json")
-    for f in TOKENIZER_FILES:
-        if (tokenizer_dir / f).is_file():
-            shutil.copyfile(tokenizer_dir / f, out_dir / f)
-    return out_dir
+    if not tok_cfg.get("pad_token"):
+        return None
+    vocab = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    pad_ids = [t["id"] for t in vocab.get("added_tokens", []) if t["content"] == tok_cfg["pad_token"]]
+    pad_ids = pad_ids or [vocab["model"]["vocab"].get(tok_cfg["pad_token"])]
+    return pad_ids[0]
 
 
 # --------------------------------------------------------------------------------------------

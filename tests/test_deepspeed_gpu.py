@@ -1,13 +1,13 @@
 """conf/launcher/deepspeed/ds_zero{2,3}.json used the way they are meant to be used: accelerate's
 DeepSpeedPlugin(hf_ds_config=<file>) fills the "auto" values, one process (world size 1), a tiny
-random LLaMA wrapped with steps.training.add_lora (LoRA on the 7 projections, embed_tokens and
+random LLaMA wrapped with steps.train.model.add_lora (LoRA on the 7 projections, embed_tokens and
 lm_head in modules_to_save), torch AdamW handed to accelerator.prepare (no DeepSpeed optimizer
 section, so no compiled FusedAdam), a few steps overfitting one fixed batch.
 
-What is checked is the recipe's pain point P11: the adapter saved from
-`accelerator.get_state_dict(model)` holds the whole trained embed_tokens / lm_head copies (under
-ZeRO-3 that needs `stage3_gather_16bit_weights_on_model_save`, which ds_zero3.json sets), while
-ZeRO-3's plain `model.state_dict()` holds only empty placeholders for them.
+What is checked (docs/recipe.md, "Sharded training must save whole embeddings"): the adapter
+saved from `accelerator.get_state_dict(model)` holds the whole trained embed_tokens / lm_head
+copies (under ZeRO-3 that needs `stage3_gather_16bit_weights_on_model_save`, which ds_zero3.json
+sets), while ZeRO-3's plain `model.state_dict()` holds only empty placeholders for them.
 
 Needs a CUDA device, deepspeed and accelerate; skipped with the reason otherwise. Each case trains
 in a child process of its own (`python -m tests.test_deepspeed_gpu CASE DIR`: rank 0 of a world of
@@ -74,7 +74,8 @@ def tiny_lora_model():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from steps.training import LoraSettings, add_lora
+    from steps.train.config import LoraSettings
+    from steps.train.model import add_lora
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=172,
@@ -129,7 +130,7 @@ def train_and_save(case: str, out_dir: Path) -> None:
     plain = unwrapped.state_dict()
     plain_shapes = {k: list(plain[k].shape) for k in (LIVE_EMBED, LIVE_LM_HEAD)}
     del plain
-    state_dict = accelerator.get_state_dict(model)   # ZeRO-3: gathers the 16-bit weights (P11)
+    state_dict = accelerator.get_state_dict(model)   # ZeRO-3: gathers the 16-bit weights
     gathered_shapes = {k: list(state_dict[k].shape) for k in (LIVE_EMBED, LIVE_LM_HEAD)}
     unwrapped.save_pretrained(out_dir / "adapter", state_dict=state_dict)
 
@@ -208,7 +209,7 @@ def test_deepspeed_config_trains_and_saves_full_modules_to_save(case, monkeypatc
     assert result["gathered_state_dict_shapes"] == {LIVE_EMBED: [VOCAB, HIDDEN],
                                                     LIVE_LM_HEAD: [VOCAB, HIDDEN]}
     if stage == 3:
-        # P11: ZeRO-3 has partitioned the weights and the live parameters are empty
+        # ZeRO-3 has partitioned the weights and the live parameters are empty
         # placeholders, so a plain model.state_dict() would save nothing of them
         assert result["plain_state_dict_shapes"] == {LIVE_EMBED: [0], LIVE_LM_HEAD: [0]}, result
 

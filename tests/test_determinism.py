@@ -40,7 +40,9 @@ _SAVE_ADAPTER = textwrap.dedent("""
     import json, shutil, sys
     from pathlib import Path
     import torch
-    from steps.training import LoraSettings, add_lora, base_digest, load_base, save_adapter
+    from steps.digests import base_digest
+    from steps.train.config import LoraSettings
+    from steps.train.model import add_lora, load_base, save_adapter
     src, base, out = map(Path, sys.argv[1:4])
     shutil.copytree(src, base)
     model, tok = load_base(base)
@@ -51,7 +53,7 @@ _SAVE_ADAPTER = textwrap.dedent("""
 
 
 def test_adapter_files_are_the_same_in_any_process_and_directory(tmp_path, tiny_hf_model):
-    """steps.training.save_adapter in two processes (other PYTHONHASHSEED) on copies of one base
+    """steps.train.model.save_adapter in two processes (other PYTHONHASHSEED) on copies of one base
     in two directories: peft wrote target_modules in set order and the base's absolute path
     (adapter_config.json, README.md)."""
     outs = []
@@ -76,7 +78,7 @@ def test_adapter_files_are_the_same_in_any_process_and_directory(tmp_path, tiny_
     from peft import PeftModel
 
     from steps.merge import merge_adapters
-    from steps.training import load_base
+    from steps.train.model import load_base
 
     model, _ = load_base(tiny_hf_model, [outs[0]])      # what SFT does with a pt adapter
     assert model is not None

@@ -11,7 +11,7 @@ import pytest
 from safetensors.torch import load_file
 
 from steps import pretrain
-from steps.launch import LaunchError, launch
+from steps.train.launch import LaunchError, launch
 from tests.tiny import DEMO_DATA
 
 
@@ -121,7 +121,7 @@ def test_fsdp_two_ranks_match_ddp_and_resume_exactly(tiny_hf_model, tmp_path):
     assert all(bool((a[k] == b[k]).all()) for k in a)
 
     # a checkpoint is specific to its strategy: DDP refuses the FSDP one
-    from steps.launch import LaunchError
+    from steps.train.launch import LaunchError
     with pytest.raises(LaunchError, match="launcher strategy"):
         pretrain.run(_cfg(**cfg, launcher={**fsdp, "strategy": "ddp"}), tmp_path / "x",
                      model=tiny_hf_model, resume_dir=tmp_path / "resume")

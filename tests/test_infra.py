@@ -234,7 +234,7 @@ def test_multinode_job_rendezvous():
     endpoint = f"{job['metadata']['name']}-0.{svc['metadata']['name']}:{svc['spec']['ports'][0]['port']}"
     assert f"--rdzv-endpoint={endpoint}" in cmd
     assert '--node-rank="${JOB_COMPLETION_INDEX}"' in cmd and "--rdzv-backend=c10d" in cmd
-    assert "-m steps.pretrain --worker" in cmd  # steps/training.py's per-rank entry point
+    assert "-m steps.pretrain --worker" in cmd  # steps/train/launch.py's per-rank entry point
     assert str(c["resources"]["limits"]["nvidia.com/gpu"]) == env["NPROC_PER_NODE"]
     shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
     assert shm["emptyDir"]["medium"] == "Memory"

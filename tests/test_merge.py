@@ -127,7 +127,7 @@ def test_two_adapters_in_order_match_peft(tmp_path, tiny_hf_model, adapters):
     assert diff <= 1e-4, diff
 
     info = json.loads((out / "merge_info.json").read_text())
-    from steps.training import adapter_digest
+    from steps.digests import adapter_digest
     digests = [adapter_digest(adapters["pt"]), adapter_digest(adapters["sft"])]
     assert info["order"] == digests and [a["digest"] for a in info["adapters"]] == digests
     assert info["tokenizer_from"] == digests[1]      # sft's tokenizer (with [PAD]) wins
@@ -179,7 +179,8 @@ def test_merge_formula_with_fan_in_fan_out_and_rslora(tmp_path, tiny_hf_model):
 
 
 def test_multi_shard_base_and_output(tmp_path, tiny_hf_model, adapters):
-    """P15: a base saved as several safetensors shards + index; sharded output with an index."""
+    """A base saved as several safetensors shards + index; sharded output with an index
+    (docs/recipe.md, "Merge bases are safetensors, in any number of shards")."""
     sharded = tmp_path / "base"
     _load(tiny_hf_model).save_pretrained(sharded, max_shard_size="100KB")
     for f in tiny_hf_model.iterdir():
@@ -292,9 +293,10 @@ def test_unsupported_adapter_types(tmp_path, tiny_hf_model):
 
 
 def test_provenance_recorded_by_training(tmp_path, tiny_hf_model, adapters):
-    """training_info.json (steps.training) names the base digest and the adapters merged in before
-    training: a different base or a missing earlier adapter is refused (P3)."""
-    from steps.training import adapter_digest, base_digest
+    """training_info.json (steps.train) names the base digest and the adapters merged in before
+    training: a different base or a missing earlier adapter is refused (docs/recipe.md, "An
+    adapter merges only onto the base it was trained on")."""
+    from steps.digests import adapter_digest, base_digest
 
     pt, sft = tmp_path / "pt", tmp_path / "sft"
     shutil.copytree(adapters["pt"], pt)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from steps import pretrain
-from steps.training import base_digest
+from steps.digests import base_digest
 from tests.tiny import DEMO_DATA
 
 
@@ -216,7 +216,7 @@ def test_data_cache_keeps_the_first_complete_copy_and_clears_dead_temps(tmp_path
     reading the first is dropped, not swapped in under the reader; a killed prep's temp dir goes."""
     from datasets import Dataset
 
-    from steps.training import save_splits
+    from steps.train.data import save_splits
 
     dest = tmp_path / "pt-key"
     save_splits({"train": Dataset.from_dict({"input_ids": [[1, 2, 3]]})}, dest, {"n": 1})

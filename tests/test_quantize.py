@@ -100,7 +100,9 @@ def exports(tiny_hf_model, tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def odd_model(tmp_path_factory, tiny_sp_model) -> Path:
-    """Width 256 (K-quant rows apply), vocabulary 320 pieces + [PAD] = 321 rows (P7, P10)."""
+    """Width 256 (K-quant rows apply), vocabulary 320 pieces + [PAD] = 321 rows: an odd
+    vocabulary with an added token (docs/recipe.md, "K-quants on a vocabulary not divisible by 256",
+    "Added tokens and padded vocabularies reach llama.cpp")."""
     return _make_model(tmp_path_factory.mktemp("odd"), tiny_sp_model, hidden=256,
                        intermediate=512, pad_token="[PAD]")
 
@@ -279,7 +281,7 @@ def test_perplexity_on_trained_stories260k(stories260k, shared_data, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# odd vocabularies (P7, P9, P10)
+# odd vocabularies: K-quants, added tokens and padding, the wrong tokenizer (docs/recipe.md)
 
 
 def test_odd_vocab_quantizes_to_every_type(odd_model, tmp_path):
@@ -325,7 +327,8 @@ def test_token_list_padded_to_embedding_rows(tmp_path, tiny_sp_model):
 
 
 def test_wrong_tokenizer_is_refused_before_writing(tmp_path, tiny_sp_model):
-    """P9: the LLaMA-tokenizer-next-to-a-Chinese-model mistake in both directions."""
+    """The LLaMA-tokenizer-next-to-a-Chinese-model mistake in both directions (docs/recipe.md,
+    "The tokenizer must be the one the model was trained with")."""
     too_many = _make_model(tmp_path / "a", tiny_sp_model, vocab=320)
     from steps.tokenizer import save_hf_tokenizer
 

@@ -1,5 +1,6 @@
-"""Pain point P6: a training run SIGKILLed mid-way resumes from its last checkpoint and ends
-bit-identical to an uninterrupted run (CPU, fp32, LoRA dropout on, gradient accumulation)."""
+"""A training run SIGKILLed mid-way resumes from its last checkpoint and ends bit-identical to an
+uninterrupted run (CPU, fp32, LoRA dropout on, gradient accumulation); docs/recipe.md, "Training
+must resume where it stopped"."""
 from __future__ import annotations
 
 import json

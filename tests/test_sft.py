@@ -132,7 +132,7 @@ def pt_adapter(tiny_hf_model, tmp_path_factory):
 def test_sft_on_top_of_pt_adapter(tiny_hf_model, pt_adapter, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-    from steps.training import adapter_digest
+    from steps.digests import adapter_digest
     cfg = sft.Config(data=[str(DEMO_DATA / "instructions.json")], max_seq_length=384,
                      per_device_batch_size=4, gradient_accumulation_steps=1, max_steps=12,
                      learning_rate=5e-3, warmup_ratio=0.0, lr_scheduler="constant",

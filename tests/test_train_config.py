@@ -4,7 +4,8 @@ import pydantic
 import pytest
 
 from steps import pretrain, sft
-from steps.training import TrainConfig, Trainer
+from steps.train.config import TrainConfig
+from steps.train.loop import Trainer
 
 
 @pytest.mark.parametrize("stage", ["pretrain", "sft"])

@@ -1,12 +1,14 @@
-"""Run a stage under torchrun as a subprocess in its own process session.
+"""Running a training stage: in this process (one process, DDP strategy), or under torchrun as
+a subprocess in its own process session.
 
 The convention for GPU training inside an orchestrator (LLaMA-Factory's launcher, Axolotl,
 ZenML's run_with_accelerate): the orchestrating process never initialises CUDA or NCCL itself;
-it starts `torchrun --standalone --nproc-per-node=N -m steps.<stage> ...` with
+it starts `torchrun --standalone --nproc-per-node=N -m steps.<stage> --worker ...` with
 start_new_session=True, streams the output line by line into its logger, forwards the ranks'
 metrics (rank 0 appends them to `trainer_log.jsonl`) as they appear, and on an exception,
 KeyboardInterrupt (a cancelled task) or timeout kills the whole process group so no orphan rank
 keeps holding GPU memory. A non-zero exit raises, so the orchestrator's retries apply.
+Each rank enters through the stage module's `worker_main` and runs the stage's worker there.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Callable
+
+from steps.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -131,3 +135,36 @@ def launch(cmd: list[str], *, metrics_file: Path | None = None,
         raise LaunchError(f"training subprocess exited with code {rc}" +
                           (f"; errors:{cause}" if cause else "") + "\nlast output:\n" +
                           "\n".join(tail_lines[-20:]))
+
+
+def execute(module: str, worker: Callable, cfg: TrainConfig, out_dir: Path, *,
+            on_metrics: Callable | None, **kwargs) -> dict:
+    """Run worker(cfg, out_dir, on_metrics=..., **kwargs) in this process (nproc 1) or under
+    torchrun as `python -m <module> --worker ...` (nproc > 1; kwargs must be JSON-able)."""
+    out_dir = Path(out_dir)
+    if cfg.launcher.nproc == 1 and cfg.launcher.strategy == "ddp":
+        return worker(cfg, out_dir, on_metrics=on_metrics, **kwargs)
+    args = ["--worker", "--out-dir", str(out_dir), "--config-json", cfg.model_dump_json(),
+            "--kwargs-json", json.dumps(kwargs, default=str)]
+    launch(torchrun_command(module, args, cfg.launcher.nproc),
+           metrics_file=out_dir / "trainer_log.jsonl", on_metrics=on_metrics,
+           timeout_s=cfg.launcher.timeout_s, logger=logging.getLogger(module),
+           env={"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+                "PYTHONUNBUFFERED": "1"})
+    return json.loads((out_dir / "training_summary.json").read_text())
+
+
+def worker_main(config_cls, worker: Callable, argv: list[str] | None = None) -> None:
+    """Entry point of `python -m steps.<stage> --worker ...` (one torchrun rank)."""
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("--worker", action="store_true", required=True)
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("--config-json", required=True)
+    p.add_argument("--kwargs-json", default="{}")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stdout,
+                        format=f"[rank {os.environ.get('RANK', '0')}] %(name)s: %(message)s")
+    worker(config_cls.model_validate_json(a.config_json), Path(a.out_dir), on_metrics=None,
+           **json.loads(a.kwargs_json))

@@ -3,8 +3,9 @@
 Two entry points, as in llama.cpp's own flow (`convert_hf_to_gguf.py` then `llama-quantize`):
 - `export_gguf(model_dir, out_path, qtype)` streams the safetensors weights tensor by tensor into
   a GGUF file (f32/f16/bf16, or q8_0/q4_0 with gguf's numpy quantizers, which match ggml's
-  reference quantizers), with the llama metadata, the SentencePiece vocabulary and the rotary
-  layout llama.cpp expects;
+  reference quantizers), with the llama metadata, the vocabulary (SentencePiece for LLaMA-1/2 and
+  Chinese-LLaMA; Llama 3's byte-level BPE with its merges, pre-tokenizer and chat template) and
+  the rotary layout llama.cpp expects (Llama 3.1's scaled rope as a `rope_freqs` tensor);
 - `quantize_gguf(src, out, qtype)` runs `llama_model_quantize` (llama-cpp-python) on an f16/f32
   GGUF for every llama.cpp type (K-quants can only come from there: gguf cannot make them).
 
@@ -126,10 +127,39 @@ def _rope(config: dict) -> tuple[float, dict | None]:
     scaling = config.get("rope_scaling") or (params if params.get("rope_type", "default") != "default" else None)
     if scaling:
         kind = scaling.get("rope_type", scaling.get("type"))
-        if kind != "linear":
+        if kind not in ("linear", "llama3"):
             raise ValueError(f"rope scaling {kind!r} in config.json is not supported by this exporter "
-                             "(only 'linear', as in Chinese-LLaMA-Alpaca-2-16K)")
+                             "(only 'linear', as in Chinese-LLaMA-Alpaca-2-16K, and Llama 3.1's "
+                             "'llama3')")
     return float(theta), scaling
+
+
+def _llama3_rope_factors(config: dict, theta: float, scaling: dict):
+    """Llama 3.1's per-frequency rope divisors, which llama.cpp reads from a `rope_freqs` tensor
+    (it has no llama3 scaling type): 1 for wavelengths shorter than the original context /
+    high_freq_factor, `factor` for those longer than context / low_freq_factor, a smooth blend
+    between. The arithmetic is llama.cpp's converter's (float32 frequencies) so the tensor is
+    bit-identical to the one it writes."""
+    import math
+
+    import torch
+
+    dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = scaling.get("factor", 8.0)
+    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    old_ctx = scaling.get("original_max_position_embeddings", 8192)
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * math.pi / freq
+        if wavelen < old_ctx / high:
+            factors.append(1)
+        elif wavelen > old_ctx / low:
+            factors.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            factors.append(1 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(factors, dtype=torch.float32)
 
 
 def _safetensors_index(model_dir: Path) -> dict[str, tuple[Path, TensorInfo]]:
@@ -188,15 +218,7 @@ def _vocab(model_dir: Path, n_rows: int) -> dict:
         types.append(4)   # USER_DEFINED
 
     n_tok = len(tokens)
-    if n_tok > n_rows:
-        raise ValueError(f"{model_dir}: tokenizer.model + added tokens = {n_tok} tokens but the "
-                         f"embedding has {n_rows} rows: this is not the tokenizer the model was "
-                         "trained with; ship the tokenizer produced by the vocab/merge stage")
-    if n_rows - n_tok >= _MAX_VOCAB_PADDING:
-        raise ValueError(f"{model_dir}: the tokenizer has {n_tok} tokens but the embedding {n_rows} "
-                         f"rows (docs/recipe.md, P9): {n_rows - n_tok} ids would have no token. This is the wrong "
-                         "tokenizer (e.g. LLaMA's 32000 pieces next to a Chinese-LLaMA model); "
-                         "ship the tokenizer produced by the vocab/merge stage")
+    _check_token_count(model_dir, n_tok, n_rows, "tokenizer.model + added tokens")
     for i in range(n_tok, n_rows):
         tokens.append(f"[PAD{i}]".encode())
         scores.append(-1000.0)
@@ -219,6 +241,98 @@ def _vocab(model_dir: Path, n_rows: int) -> dict:
         special["pad"] = ids[0]
     return {"tokens": tokens, "scores": scores, "types": types, "special": special,
             "n_tokenizer": n_tok, "add_space_prefix": bool(proto.normalizer_spec.add_dummy_prefix)}
+
+
+def _check_token_count(model_dir: Path, n_tok: int, n_rows: int, what: str) -> None:
+    """Refuse a tokenizer with more tokens than embedding rows, or so many fewer that it cannot be
+    the one the model was trained with (more spare rows than any padding leaves)."""
+    if n_tok > n_rows:
+        raise ValueError(f"{model_dir}: {what} = {n_tok} tokens but the "
+                         f"embedding has {n_rows} rows: this is not the tokenizer the model was "
+                         "trained with; ship the tokenizer produced by the vocab/merge stage")
+    if n_rows - n_tok >= _MAX_VOCAB_PADDING:
+        raise ValueError(f"{model_dir}: the tokenizer has {n_tok} tokens but the embedding {n_rows} "
+                         f"rows (docs/recipe.md, P9): {n_rows - n_tok} ids would have no token. This is the wrong "
+                         "tokenizer (e.g. LLaMA's 32000 pieces next to a Chinese-LLaMA model); "
+                         "ship the tokenizer produced by the vocab/merge stage")
+
+
+# Llama 3's pre-tokenizer split (its tiktoken pattern), which llama.cpp implements as "llama-bpe".
+LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _byte_level_bpe(model_dir: Path) -> dict | None:
+    """tokenizer.json when it is a byte-level BPE (Llama 3's), else None: SentencePiece models
+    (LLaMA-1/2, Chinese-LLaMA) keep their tokenizer.model path even when a tokenizer.json is
+    there too (theirs decodes with byte fallback, not ByteLevel)."""
+    tj = model_dir / "tokenizer.json"
+    if not tj.is_file():
+        return None
+    data = json.loads(tj.read_text(encoding="utf-8"))
+    byte_level = (data.get("decoder") or {}).get("type") == "ByteLevel"
+    return data if data["model"].get("type") == "BPE" and byte_level else None
+
+
+def _bpe_pre(model_dir: Path, data: dict) -> str:
+    """llama.cpp's name for the pre-tokenizer: only Llama 3's split is written, as any other
+    pattern would make llama.cpp cut text differently from the HF tokenizer."""
+    pre = data.get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre])
+    patterns = [p["pattern"].get("Regex") for p in parts if p.get("type") == "Split"]
+    if patterns != [LLAMA3_PATTERN]:
+        raise ValueError(f"{model_dir}/tokenizer.json: a byte-level BPE tokenizer whose pre-tokenizer "
+                         f"split is {patterns}, not Llama 3's; this exporter writes Llama 3's "
+                         "('llama-bpe') only")
+    return "llama-bpe"
+
+
+def _looks_special(text: str) -> bool:
+    """Added tokens llama.cpp's converter makes CONTROL even when not marked special."""
+    return (text in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+            or (text.startswith("<|") and text.endswith("|>"))
+            or (text.startswith("<\uff5c") and text.endswith("\uff5c>"))
+            or (text.startswith("<unused") and text.endswith(">")))
+
+
+def _bpe_vocab(model_dir: Path, n_rows: int, data: dict) -> dict:
+    """Llama 3's byte-level BPE vocabulary as llama.cpp's converter builds it: BPE pieces NORMAL;
+    added tokens CONTROL when special or spelled like a control token (Llama 3's <|eot_id|> and
+    reserved tokens), else USER_DEFINED (a token the vocab stage added: llama.cpp matches it
+    whole in text); ids without a token up to the embedding rows [PAD{i}] UNUSED. Merges, the
+    special ids, add_bos and the chat template come through gguf's SpecialVocab, the reader the
+    converter uses."""
+    import gguf
+
+    T = gguf.TokenType
+    pre = _bpe_pre(model_dir, data)
+    by_id = {int(i): (t, T.NORMAL) for t, i in data["model"]["vocab"].items()}
+    for t in data.get("added_tokens", []):
+        text = t["content"]
+        if t.get("special") or _looks_special(text):
+            by_id[int(t["id"])] = (text, T.CONTROL)
+        else:   # llama.cpp expects user-defined spaces as spaces
+            by_id[int(t["id"])] = (text.replace("\u2581", " "), T.USER_DEFINED)
+    n_tok = max(by_id) + 1
+    _check_token_count(model_dir, n_tok, n_rows, "tokenizer.json's pieces + added tokens")
+    entries = [by_id.get(i, (f"[PAD{i}]", T.UNUSED)) for i in range(n_rows)]
+    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=n_rows)
+    if not special.merges:
+        raise ValueError(f"{model_dir}/tokenizer.json: no BPE merges; llama.cpp cannot tokenize "
+                         "without them")
+    # Llama 3's template adds no EOS: said explicitly, as the converter does
+    special.add_special_token.setdefault("eos", False)
+    tc = model_dir / "tokenizer_config.json"
+    prefix = json.loads(tc.read_text(encoding="utf-8")).get("add_prefix_space") if tc.is_file() else None
+    return {"model": "gpt2", "pre": pre, "tokens": [e[0].encode("utf-8") for e in entries],
+            "types": [int(e[1]) for e in entries], "special_vocab": special,
+            "n_tokenizer": n_tok, "add_space_prefix": prefix}
+
+
+def _load_vocab(model_dir: Path, n_rows: int) -> dict:
+    """The vocabulary for llama.cpp: byte-level BPE (Llama 3) or SentencePiece (LLaMA-1/2)."""
+    data = _byte_level_bpe(model_dir)
+    return _bpe_vocab(model_dir, n_rows, data) if data else _vocab(model_dir, n_rows)
 
 
 def _permute_rotary(w, n_head: int):
@@ -255,23 +369,25 @@ def export_gguf(model_dir: Path, out_path: Path, qtype: str = "f16") -> Path:
     # Everything below is checked before a byte is written.
     sizes = check_model(model_dir)
     config = _read_config(model_dir)
-    vocab = _vocab(model_dir, sizes.embed_rows)
+    vocab = _load_vocab(model_dir, sizes.embed_rows)
     rope = _rope(config)
     where = _safetensors_index(model_dir)
     target, file_type = _gguf_types()[qtype]
     plan = _tensor_plan(model_dir, where, config["num_hidden_layers"], target)
+    extra = _extra_tensors(config, rope)
+    plan = [(None, n, tuple(t.shape), _tensor_type(tuple(t.shape), target)) for n, t in extra.items()] + plan
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
     w = gguf.GGUFWriter(tmp, "llama")
     _add_model_kv(w, model_dir.name, config, rope, sizes.embed_rows, file_type)
-    _add_vocab_kv(w, vocab)
+    (_add_bpe_vocab_kv if vocab.get("model") == "gpt2" else _add_vocab_kv)(w, vocab)
     _add_tensor_infos(w, plan)
     try:
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        _write_tensors(w, plan, where, config)
+        _write_tensors(w, plan, where, config, extra)
         w.close()
         os.replace(tmp, out_path)
     except BaseException:
@@ -281,8 +397,18 @@ def export_gguf(model_dir: Path, out_path: Path, qtype: str = "f16") -> Path:
     return out_path
 
 
-# (hf name, gguf name, shape, ggml type) of one tensor to write, in the file's order
-PlannedTensor = tuple[str, str, tuple[int, ...], int]
+# (hf name, gguf name, shape, ggml type) of one tensor to write, in the file's order; hf name None
+# for a tensor computed from the config (rope_freqs)
+PlannedTensor = tuple[str | None, str, tuple[int, ...], int]
+
+
+def _extra_tensors(config: dict, rope: tuple[float, dict | None]) -> dict:
+    """{gguf name: tensor} made from the config, written first as llama.cpp's converter does:
+    Llama 3.1's rope factors."""
+    theta, scaling = rope
+    if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3":
+        return {"rope_freqs.weight": _llama3_rope_factors(config, theta, scaling)}
+    return {}
 
 
 def _tensor_plan(model_dir: Path, where: dict[str, tuple[Path, TensorInfo]], n_layer: int,
@@ -341,7 +467,7 @@ def _add_model_kv(w, name: str, config: dict, rope: tuple[float, dict | None], n
     w.add_layer_norm_rms_eps(config["rms_norm_eps"])
     w.add_rope_dimension_count(config["hidden_size"] // n_head)
     w.add_rope_freq_base(theta)
-    if scaling:
+    if scaling and scaling.get("rope_type", scaling.get("type")) == "linear":   # llama3: rope_freqs
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         w.add_rope_scaling_factor(float(scaling["factor"]))
     w.add_vocab_size(n_vocab)
@@ -363,6 +489,18 @@ def _add_vocab_kv(w, vocab: dict) -> None:
     w.add_add_space_prefix(vocab["add_space_prefix"])
 
 
+def _add_bpe_vocab_kv(w, vocab: dict) -> None:
+    """The byte-level BPE vocabulary from _bpe_vocab: tokens and types (no scores: BPE ranks are
+    the merges' order), then merges, special ids, add_bos/add_eos and the chat template."""
+    if vocab["add_space_prefix"] is not None:
+        w.add_add_space_prefix(bool(vocab["add_space_prefix"]))
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(vocab["pre"])
+    w.add_token_list(vocab["tokens"])
+    w.add_token_types(vocab["types"])
+    vocab["special_vocab"].add_to_gguf(w, quiet=True)
+
+
 def _add_tensor_infos(w, plan: list[PlannedTensor]) -> None:
     """Each tensor's name, shape and type, so the header is written before any data."""
     import gguf
@@ -377,13 +515,17 @@ def _add_tensor_infos(w, plan: list[PlannedTensor]) -> None:
 
 
 def _write_tensors(w, plan: list[PlannedTensor], where: dict[str, tuple[Path, TensorInfo]],
-                   config: dict) -> None:
-    """Stream the tensors in plan order, one in memory at a time, q/k rows in Meta's rotary order."""
+                   config: dict, extra: dict | None = None) -> None:
+    """Stream the tensors in plan order, one in memory at a time, q/k rows in Meta's rotary order;
+    `extra` holds the tensors computed from the config."""
     from safetensors import safe_open
 
     n_head = config["num_attention_heads"]
     n_kv = config.get("num_key_value_heads") or n_head
     for hf_name, name, shape, ttype in plan:
+        if hf_name is None:
+            w.write_tensor_data(_convert(extra[name], ttype))
+            continue
         with safe_open(str(where[hf_name][0]), framework="pt") as st:
             t = st.get_tensor(hf_name)
         if name.endswith("attn_q.weight"):

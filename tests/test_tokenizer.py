@@ -184,7 +184,8 @@ def test_files_name_a_class_transformers_4_knows_and_list_added_tokens(tiny_sp_m
 
 
 def _llama_cpp_converter(pytestconfig, tmp_path_factory) -> Path:
-    """llama.cpp's convert_hf_to_gguf.py (with its conversion/ package) from the sdist of the
+    """llama.cpp's convert_hf_to_gguf.py (with its conversion/ package and its own gguf-py, which
+    the full conversion needs: the installed gguf lacks parts of it) from the sdist of the
     installed llama-cpp-python: $LLAMAFLOW_LLAMA_CPP_SRC, pytest's cache, or `pip download`."""
     import os
     import subprocess
@@ -199,7 +200,7 @@ def _llama_cpp_converter(pytestconfig, tmp_path_factory) -> Path:
     name = f"llama_cpp_convert_{llama_cpp.__version__}"
     cache = getattr(pytestconfig, "cache", None)   # None under -p no:cacheprovider
     root = cache.mkdir(name) if cache is not None else tmp_path_factory.mktemp(name)
-    if (root / "convert_hf_to_gguf.py").is_file() and (root / "conversion").is_dir():
+    if all((root / p).exists() for p in ("convert_hf_to_gguf.py", "conversion", "gguf-py/gguf")):
         return root
     with tempfile.TemporaryDirectory() as tmp:
         r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
@@ -214,7 +215,7 @@ def _llama_cpp_converter(pytestconfig, tmp_path_factory) -> Path:
         with tarfile.open(sdists[0]) as tf:
             prefix = tf.getnames()[0].split("/")[0] + "/vendor/llama.cpp/"
             members = [m for m in tf.getmembers() if m.name == prefix + "convert_hf_to_gguf.py"
-                       or m.name.startswith(prefix + "conversion/")]
+                       or m.name.startswith((prefix + "conversion/", prefix + "gguf-py/gguf/"))]
             for m in members:
                 m.name = m.name[len(prefix):]
             tf.extractall(root, members=members, filter="data")

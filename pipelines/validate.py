@@ -370,6 +370,9 @@ def base_tokenizer(cfg: dict) -> Path | None:
     src = cfg.get("source") or {}
     if src.get("kind") == "llama2c" and src.get("tokenizer_model") not in (None, "???"):
         return Path(src["tokenizer_model"]).expanduser().resolve()
+    if src.get("kind") == "local_hf" and src.get("path") not in (None, "???"):
+        p = Path(src["path"]).expanduser().resolve() / "tokenizer.model"
+        return p if p.is_file() else None
     if src.get("kind") == "local" and src.get("path") not in (None, "???"):
         root = Path(src["path"]).expanduser().resolve()
         for p in (root / "tokenizer.model", root / (src.get("model_dir") or "") / "tokenizer.model"):
@@ -401,10 +404,31 @@ def _source_problems(cfg: dict, config, problems: list[Problem]) -> None:
         tok = base_tokenizer(cfg)
         if tok is not None:
             _sp_model("source.path", tok, problems)
+    elif src.kind == "local_hf":
+        _local_hf_problems(cfg, src, problems)
     elif src.kind == "url" and src.url is None and not os.environ.get(src.url_env or ""):
         problems.append(Problem("source.url_env", src.url_env,
                                 f"the environment variable {src.url_env} is not set: export the "
                                 "presigned URL into it, or pass source.url=..."))
+
+
+def _local_hf_problems(cfg: dict, src, problems: list[Problem]) -> None:
+    """An HF-format folder is checked as the convert stage will check it (headers only), so a
+    missing shard or a foreign architecture stops the run before the download copies a byte."""
+    from steps.hf_import import inspect
+
+    root = Path(src.path).expanduser()
+    if not (root / "config.json").is_file():
+        problems.append(Problem("source.path", src.path, f"no config.json in {root}: point "
+                                "source.path at an HF-format folder (config.json, *.safetensors, "
+                                "tokenizer files)"))
+        return
+    allow = bool((cfg.get("convert") or {}).get("allow_pickle"))
+    try:
+        inspect(root, allow_pickle=allow)
+    except ValueError as e:  # HfFormatError (a MetaFormatError), a tokenizer that does not parse
+        key = "convert.allow_pickle" if "allow_pickle" in str(e) else "source.path"
+        problems.append(Problem(key, allow if key.startswith("convert") else src.path, str(e)))
 
 
 def _file_problems(cfg: dict, name: str, config, problems: list[Problem]) -> None:

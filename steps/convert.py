@@ -46,6 +46,18 @@ class Config(pydantic.BaseModel):
         None, description="max_position_embeddings (not in params.json); null: 2048. The "
                           "lifecycle gives the model's own (conf/model/)",
         json_schema_extra={"conf": "${model.context_length}"})
+    allow_pickle: bool = pydantic.Field(
+        False, description="an HF-format source with only pickled .bin weights: load them with "
+                           "torch.load(weights_only=True) and write safetensors (pickles can "
+                           "execute code, so they are refused unless this is true)")
+    rope_scaling_factor: float | None = pydantic.Field(
+        None, gt=1, description="Llama 3.1/3.2 (use_scaled_rope): the rope scaling factor, which "
+                                "params.json does not hold; null: 8, as Meta's code has it. "
+                                "conf/model/ gives 3.2 1B/3B's 32",
+        json_schema_extra={"conf": "${oc.select:model.rope_scaling_factor,null}"})
+    instruct: bool = pydantic.Field(
+        False, description="a Llama 3.x instruct checkpoint: generation also stops at <|eom_id|> "
+                           "and <|eot_id|>, the tokenizer's EOS is <|eot_id|>")
 
 
 def _shard_files(meta_dir: Path) -> list[Path]:
@@ -207,26 +219,33 @@ def _hf_config(params: MetaParams, vocab: int, dtype: str, context_length: int |
 
 
 def convert_meta_to_hf(meta_dir: Path, out_dir: Path, dtype: str = "bfloat16",
-                       max_shard_size: str | int = "2GB", context_length: int | None = None) -> Path:
+                       max_shard_size: str | int = "2GB", context_length: int | None = None,
+                       rope_scaling_factor: float | None = None, instruct: bool = False) -> Path:
     """Convert a Meta checkpoint folder (params.json, consolidated.NN.pth, tokenizer.model) into
     an HF model folder: safetensors shards (+ index), config.json, generation_config.json,
-    tokenizer.model and HF tokenizer files."""
+    tokenizer.model and HF tokenizer files. A tiktoken tokenizer.model makes it a Llama 3.x
+    checkpoint (steps/llama3.py; rope_scaling_factor and instruct apply to those only)."""
     import torch
     from transformers import GenerationConfig
     from transformers.utils.hub import convert_file_size_to_int
 
+    from steps import llama3
     from steps.tokenizer import save_hf_tokenizer
 
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose one of {DTYPES}")
     max_bytes = convert_file_size_to_int(max_shard_size)
     meta_dir, out_dir = Path(meta_dir), Path(out_dir)
-    params, files, vocab, shapes = plan(meta_dir)
+    l3 = llama3.conversion(meta_dir, context_length=context_length,
+                           rope_scaling_factor=rope_scaling_factor, instruct=instruct)
+    params, files, vocab, shapes = l3.plan() if l3 else plan(meta_dir)
+    split = l3.shard_dim if l3 else shard_dim
     out_dir.mkdir(parents=True, exist_ok=True)
     if any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} is not empty; convert writes into an empty directory")
     # The tokenizer first: it is cheap and the last check that can fail (e.g. a non-BPE model).
-    n_tokens = save_hf_tokenizer(meta_dir / "tokenizer.model", out_dir)
+    n_tokens = l3.save_tokenizer(out_dir) if l3 else \
+        save_hf_tokenizer(meta_dir / "tokenizer.model", out_dir)
     if n_tokens > vocab:
         raise MetaFormatError(f"{meta_dir / 'tokenizer.model'}: {n_tokens} tokens but the "
                               f"embedding has only {vocab} rows")
@@ -243,7 +262,7 @@ def convert_meta_to_hf(meta_dir: Path, out_dir: Path, dtype: str = "bfloat16",
             shards = _load(files)  # re-mapped per layer: pages read for the last layer are released
         for name in group:
             parts = [sd[name] for sd in shards]
-            dim = shard_dim(name)
+            dim = split(name)
             t = parts[0] if dim is None or len(parts) == 1 else torch.cat(parts, dim=dim)
             if name.endswith("attention.wq.weight"):
                 t = permute(t, params.n_heads)
@@ -256,6 +275,9 @@ def convert_meta_to_hf(meta_dir: Path, out_dir: Path, dtype: str = "bfloat16",
             del t, parts
     del shards
     writer.close()
+    if l3:
+        l3.write_configs(out_dir, params, vocab, dtype)
+        return out_dir
     (out_dir / "config.json").write_text(json.dumps(
         _hf_config(params, vocab, dtype, context_length), indent=2, sort_keys=True))
     GenerationConfig(bos_token_id=1, eos_token_id=2).save_pretrained(out_dir)
@@ -263,15 +285,20 @@ def convert_meta_to_hf(meta_dir: Path, out_dir: Path, dtype: str = "bfloat16",
 
 
 def run(config: Config, out_dir: Path, *, on_metrics=None, meta: Path) -> dict:
+    from steps import hf_import, llama3
     from steps.checks import check_model
 
+    if hf_import.is_hf_folder(meta):  # source=hf_model / local_hf: a verifying import instead
+        return hf_import.run(config, out_dir, meta)
     t0 = time.time()
     convert_meta_to_hf(meta, out_dir, dtype=config.dtype, max_shard_size=config.max_shard_size,
-                       context_length=config.context_length)
+                       context_length=config.context_length,
+                       rope_scaling_factor=config.rope_scaling_factor, instruct=config.instruct)
     seconds = time.time() - t0
     v = check_model(out_dir)
     cfg = json.loads((Path(out_dir) / "config.json").read_text())
-    special = _special_ids(Path(out_dir))
+    special = llama3.check_special_ids(Path(out_dir), config.instruct) \
+        if llama3.is_tiktoken(Path(meta) / "tokenizer.model") else _special_ids(Path(out_dir))
     files = sum(f.stat().st_size for f in Path(out_dir).glob("*.safetensors"))
     n_params, n_tensors, size = _count(out_dir)
     return {"seconds": seconds, "bytes": size, "file_bytes": files,

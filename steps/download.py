@@ -6,10 +6,15 @@ Sources (`Config.source`, discriminated by `kind`):
            or a plain base URL the relative paths are joined onto
   hf       a Hugging Face Hub repo at a pinned revision (huggingface_hub, token from HF_TOKEN)
   llama2c  a llama2.c legacy .bin checkpoint + its tokenizer.model, imported by steps/llama2c.py
+  hf_model a Hugging Face Hub repo in HF format (config.json, safetensors shards, tokenizer
+           files) at a pinned revision, each file checked against the hub's sha256 / blob id
+  local_hf a folder in HF format, checked (steps/hf_import.inspect) before anything is copied
 
 Output (`dest`), whatever the source:
     consolidated.00.pth .. consolidated.NN.pth, params.json, checklist.chk,
     tokenizer.model, tokenizer_checklist.chk     (+ SHA256SUMS when the hub gives sha256s)
+or, for the HF-format sources, the HF folder as it is (config.json, *.safetensors + index,
+tokenizer files; + SHA256SUMS from the hub), which the convert stage imports.
 
 Meta's download.sh trusted `md5sum -c` (and on macOS ran `md5 checklist.chk`, which verifies
 nothing); the most reported failure is an expired presigned URL whose HTML/XML error page got
@@ -60,6 +65,12 @@ PARAMS_KEYS = ("dim", "n_layers", "n_heads")     # present in every Meta params.
 SHARD_RE = re.compile(r"^consolidated\.(\d{2})\.pth$")
 HF_DEFAULT_PATTERNS = ("consolidated.*.pth", "params.json", CHECKLIST, "tokenizer.model",
                        TOKENIZER_CHECKLIST)
+# An HF-format checkpoint: config, weights (pickled .bin only where a repo has no safetensors:
+# _hf_model_files), tokenizer. Top-level files only: Llama 3 repos keep Meta's in original/.
+HF_MODEL_PATTERNS = ("config.json", "generation_config.json", "*.safetensors",
+                     "model.safetensors.index.json", "*.bin", "pytorch_model.bin.index.json",
+                     "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+                     "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
 
 CHUNK = 1 << 20
 TIMEOUT_S = 60.0       # per socket operation, not per file
@@ -174,18 +185,48 @@ class UrlSource(_Source):
         return value
 
 
+# A hub source's revision: _hub_plan resolves it once and fetches every file from that commit.
+PinnedRevision = Annotated[str, Field(description="pin a 40-hex commit sha; a branch or tag "
+                                                  "works, resolved and logged as unpinned")]
+
+
 class HfSource(_Source):
     """A Hugging Face Hub repo holding Meta's original files (e.g. meta-llama/Llama-2-7b; repos
     that keep them in a folder, such as Llama 3's "original/", need `subfolder`). The token comes
     from the HF_TOKEN environment variable only; hub sha256s (LFS) and blob ids are verified."""
     kind: Literal["hf"]
     repo_id: str = Field(description="e.g. meta-llama/Llama-2-7b")
-    revision: str = Field(description="pin a 40-hex commit sha; a branch or tag works, resolved "
-                                      "and logged as unpinned")
+    revision: PinnedRevision
     subfolder: str = Field("", description="e.g. \"original\" for repos keeping Meta's files "
                                            "in a folder")
     allow_patterns: list[str] = Field(list(HF_DEFAULT_PATTERNS),
                                       description="matched against paths under subfolder")
+
+
+class HfModelSource(_Source):
+    """A Hugging Face Hub repo in HF format (config.json, safetensors shards + index, tokenizer
+    files; e.g. meta-llama/Llama-2-7b-hf), which the convert stage imports after checking it
+    (steps/hf_import.py). The token comes from the HF_TOKEN environment variable only; every file
+    is checked against the hub's sha256 (LFS) or blob id before use."""
+    kind: Literal["hf_model"]
+    repo_id: str = Field(description="e.g. meta-llama/Llama-2-7b-hf")
+    revision: PinnedRevision
+    subfolder: str = Field("", description="the folder holding config.json, \"\" for the repo's "
+                                           "top level")
+    allow_patterns: list[str] = Field(list(HF_MODEL_PATTERNS), description=(
+        "matched against the top-level files under subfolder; pickled *.bin are taken only "
+        "where the repo has no *.safetensors"))
+
+
+class LocalHfSource(_Source):
+    """A folder in HF format: config.json, *.safetensors (+ model.safetensors.index.json) and
+    the tokenizer files (tokenizer.model and/or tokenizer.json, tokenizer_config.json), as
+    save_pretrained writes it. Checked before anything is copied (steps/hf_import.py), and keyed
+    by the content of the files it takes."""
+    kind: Literal["local_hf"]
+    path: str = Field(description="the folder holding config.json, e.g. /data/Llama-2-7b-hf")
+    hardlink: bool = Field(False, description="link instead of copying (same filesystem only; "
+                                              "falls back to a copy)")
 
 
 class Llama2cSource(_Source):
@@ -197,8 +238,8 @@ class Llama2cSource(_Source):
     norm_eps: float = Field(1e-5, description="llama2.c's default; not stored in the .bin")
 
 
-Source = Annotated[Union[LocalSource, UrlSource, HfSource, Llama2cSource],
-                   Field(discriminator="kind")]
+Source = Annotated[Union[LocalSource, UrlSource, HfSource, Llama2cSource, HfModelSource,
+                         LocalHfSource], Field(discriminator="kind")]
 
 
 class Config(BaseModel):
@@ -234,7 +275,19 @@ def public_config(config: Config) -> dict:
         data["source"]["url"] = redact(raw) if raw else None
     if isinstance(src, LocalSource):
         data["source"]["content"] = _local_content_digest(src)
+    if isinstance(src, LocalHfSource):
+        data["source"]["content"] = _local_hf_content_digest(src)
     return data
+
+
+def _local_hf_content_digest(src: "LocalHfSource") -> str:
+    """What a local HF folder holds: the sha256 of every file the source takes. An HF folder has
+    no checksum list to stand for its weights, so they are read (once per run that keys it)."""
+    h = hashlib.sha256()
+    _, paths = _local_hf_plan(src, check=False)
+    for name, p in sorted(paths.items()):
+        h.update(name.encode() + b"\0" + file_digests(p, ["sha256"])["sha256"].encode())
+    return h.hexdigest()
 
 
 def _local_content_digest(src: "LocalSource") -> str:
@@ -458,12 +511,14 @@ Fetch = Callable[[str, Path, bool], None]
 def _materialize(names: list[str], fetch: Fetch, dest: Path, *, workers: int, digests: bool,
                  extra: Expected | None = None, expect_listed: list[str] | None = None,
                  stats: _Stats, stop: threading.Event,
-                 on_file: Callable[[str], None] | None = None) -> None:
+                 on_file: Callable[[str], None] | None = None,
+                 check_layout: Callable[[Path, Expected], None] | None = None) -> None:
     """Checksum lists first (small; parsed and cross-checked before any weight moves), then the
     rest in parallel; each file is checked, and a failure is moved aside, fetched once more, and
     then reported. `extra` adds digests not in the lists (the hub's); `expect_listed` are names
     the checklists must cover (the shards the source will fetch). `stop` is set when one file
-    fails, so that transfers in flight give up."""
+    fails, so that transfers in flight give up. `check_layout` checks the complete folder
+    (default: the Meta layout)."""
     lists = [n for n in names if n in (CHECKLIST, TOKENIZER_CHECKLIST)]
     for chk in lists:
         _fetch_checksum_list(dest / chk, fetch, extra or {}, stats)
@@ -477,7 +532,7 @@ def _materialize(names: list[str], fetch: Fetch, dest: Path, *, workers: int, di
             on_file(name)
 
     _in_parallel(one, [n for n in names if n not in lists], workers, stop)
-    _check_layout(dest, expected)
+    (check_layout or _check_layout)(dest, expected)
 
 
 def _check_checksum_list(path: Path, extra: Expected) -> None:
@@ -782,12 +837,12 @@ def _scrub(text: str, *secrets: str | None) -> str:
     return re.sub(r"(https?://[^\s'\"?]+)\?[^\s'\"]*", r"\1", text)  # any query string
 
 
-def _hub_plan(src: HfSource, dest: Path, retries: int, progress: _Progress, stats: _Stats):
+def _hub_plan(src: "HfSource | HfModelSource", dest: Path, retries: int, progress: _Progress,
+              stats: _Stats):
     """Resolve the revision and list files with their hub digests (one API call), then a fetch
     that downloads through hf_hub_download into a staging folder inside `dest`."""
     from huggingface_hub import HfApi, constants, hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError
-    from huggingface_hub.utils import filter_repo_objects
 
     # read at call time: huggingface_hub reads HF_ENDPOINT once at import
     endpoint = (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
@@ -809,14 +864,7 @@ def _hub_plan(src: HfSource, dest: Path, retries: int, progress: _Progress, stat
     prefix = src.subfolder.strip("/") + "/" if src.subfolder.strip("/") else ""
     under = {s.rfilename[len(prefix):]: s for s in info.siblings or []
              if s.rfilename.startswith(prefix)}
-    chosen = list(filter_repo_objects(list(under), allow_patterns=src.allow_patterns))
-    if not chosen:
-        raise DownloadError(f"{where}: no file under {prefix or '/'} matches {src.allow_patterns}; "
-                            f"the repo has {sorted(under)[:20]}")
-    nested = [n for n in chosen if "/" in n]
-    if nested:
-        raise DownloadError(f"{where}: {nested} are in subfolders; set source.subfolder so the "
-                            "Meta files sit at its top level")
+    chosen = _hub_choose(src, list(under), where, prefix)
     extra: Expected = {}
     sha256_lines = []
     for name in chosen:
@@ -855,6 +903,63 @@ def _hub_plan(src: HfSource, dest: Path, retries: int, progress: _Progress, stat
     return names, fetch, extra, staging
 
 
+def _hub_choose(src: "HfSource | HfModelSource", names: list[str], where: str,
+                prefix: str) -> list[str]:
+    """The repo files (relative to subfolder) the source takes. Meta files must sit at the top
+    level; an HF-format repo's subfolders (Llama 3's original/) are not part of its checkpoint,
+    and its pickled weights are taken only where it has no safetensors."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    if isinstance(src, HfModelSource):
+        names = [n for n in names if "/" not in n]
+    chosen = list(filter_repo_objects(names, allow_patterns=src.allow_patterns))
+    if not chosen:
+        raise DownloadError(f"{where}: no file under {prefix or '/'} matches {src.allow_patterns}; "
+                            f"the repo has {sorted(names)[:20]}")
+    if isinstance(src, HfModelSource):
+        if any(n.endswith(".safetensors") for n in chosen):
+            chosen = [n for n in chosen if not n.endswith(".bin") and n != "pytorch_model.bin.index.json"]
+        if "config.json" not in chosen:
+            raise DownloadError(f"{where}: no config.json under {prefix or '/'}: not an HF-format "
+                                "checkpoint (Meta's files: source=hf)")
+        return chosen
+    nested = [n for n in chosen if "/" in n]
+    if nested:
+        raise DownloadError(f"{where}: {nested} are in subfolders; set source.subfolder so the "
+                            "Meta files sit at its top level")
+    return chosen
+
+
+# ----------------------------------------------------------------------------- local HF source
+
+def _local_hf_plan(src: LocalHfSource, check: bool = True) -> tuple[list[str], dict[str, Path]]:
+    """The files of an HF folder the source takes (config, the weights inspect chose, tokenizer,
+    generation config), after checking the folder (before anything is copied)."""
+    from steps.hf_import import INDEX, BIN_INDEX, TOKENIZER_FILES, inspect, weight_files
+
+    root = Path(src.path).expanduser().resolve()
+    if not (root / "config.json").is_file():
+        raise VerificationError(f"local_hf source: no config.json in {root} (source.path="
+                                f"{src.path!r}): an HF-format folder as save_pretrained writes it")
+    if check:
+        inspect(root, allow_pickle=None)  # pickles are listed here; convert decides on loading
+    files, _, pickled = weight_files(root, allow_pickle=None)
+    names = ["config.json", *(p.name for p in files), BIN_INDEX if pickled else INDEX,
+             "generation_config.json", *TOKENIZER_FILES]
+    names = [n for n in dict.fromkeys(names) if (root / n).is_file()]
+    return names, {n: root / n for n in names}
+
+
+def _check_hf_layout(dir: Path, expected: Expected) -> None:
+    """The HF folder is complete (steps/hf_import.inspect) and every hub digest was checked."""
+    from steps.hf_import import inspect
+
+    missing = [n for n in expected if not (dir / n).is_file()]
+    if missing:
+        raise VerificationError(f"{dir}: missing {', '.join(missing)} (listed by the hub)")
+    inspect(dir, allow_pickle=None)
+
+
 # ----------------------------------------------------------------------------- llama2c source
 
 def _import_llama2c(src: Llama2cSource, dest: Path, digests: bool) -> None:
@@ -886,7 +991,8 @@ def _import_llama2c(src: Llama2cSource, dest: Path, digests: bool) -> None:
 def _as_source(source) -> "Source":
     """A Source model from a model, its dict, or a plain local folder (str or Path). A URL string
     is refused with the dict to pass: its shard count cannot be guessed from the URL."""
-    if isinstance(source, (LocalSource, UrlSource, HfSource, Llama2cSource)):
+    if isinstance(source, (LocalSource, UrlSource, HfSource, Llama2cSource, HfModelSource,
+                           LocalHfSource)):
         return source
     if isinstance(source, dict):
         return Config(source=source).source
@@ -939,11 +1045,17 @@ def _download(source, dest: Path, *, workers: int, retries: int, progress: bool,
                              expect_listed=[*shards, "params.json"], on_file=on_file)
             except VerificationError as e:
                 raise _naming_the_source(e, dest, paths) from None
-        elif isinstance(source, HfSource):
+        elif isinstance(source, (HfSource, HfModelSource)):
             names, fetch, extra, staging = _hub_plan(source, dest, retries, bar, stats)
+            layout = _check_hf_layout if isinstance(source, HfModelSource) else None
             _materialize(names, fetch, dest, workers=workers, digests=verify, extra=extra,
-                         stats=stats, stop=stop, on_file=on_file)
+                         stats=stats, stop=stop, on_file=on_file, check_layout=layout)
             shutil.rmtree(staging, ignore_errors=True)  # only after success: it holds resumable parts
+        elif isinstance(source, LocalHfSource):
+            names, paths = _local_hf_plan(source)
+            _materialize(names, _local_fetch(paths, source.hardlink, bar), dest, workers=workers,
+                         digests=verify, stats=stats, stop=stop, on_file=on_file,
+                         check_layout=_check_hf_layout)
         else:
             _import_llama2c(source, dest, verify)
     finally:

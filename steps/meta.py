@@ -83,9 +83,7 @@ class MetaParams:
             raise MetaFormatError(f"{source}: missing field(s) {missing}; a Meta params.json has "
                                   f"{list(cls.REQUIRED)} (vocab_size -1 = from the tokenizer). "
                                   "Download it again or copy it from conf/model/")
-        if d.get("use_scaled_rope"):
-            raise MetaFormatError(f"{source}: use_scaled_rope is Llama 3.1's rope scaling (and its "
-                                  "tiktoken vocabulary); this converter handles LLaMA-1/2 layouts")
+        cls._check_family(d, source)
         for k in cls._INTS:
             v = d.get(k)
             if v is None and k == "n_kv_heads":
@@ -109,6 +107,14 @@ class MetaParams:
             raise MetaFormatError(f"{source}: n_heads {p.n_heads} not divisible by n_kv_heads "
                                   f"{p.kv_heads}")
         return p
+
+    @classmethod
+    def _check_family(cls, d: dict, source: str) -> None:
+        """Refuse a params.json of another model family (steps/llama3.py reads Llama 3.x's)."""
+        if d.get("use_scaled_rope"):
+            raise MetaFormatError(f"{source}: use_scaled_rope is Llama 3.1's rope scaling (and its "
+                                  "tiktoken vocabulary); read it as a Llama 3 checkpoint "
+                                  "(steps.llama3; convert does when tokenizer.model is tiktoken's)")
 
     @classmethod
     def from_file(cls, path: Path) -> "MetaParams":

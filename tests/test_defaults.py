@@ -42,8 +42,8 @@ def test_committed_generated_options_are_what_their_models_give(name):
 
 
 def test_the_generated_options_are_the_launcher_default_and_one_per_source_kind():
-    assert GENERATED == ["launcher/single", "source/hf", "source/llama2c", "source/local",
-                         "source/url"]
+    assert GENERATED == ["launcher/single", "source/hf", "source/hf_model", "source/llama2c",
+                         "source/local", "source/local_hf", "source/url"]
 
 
 @pytest.mark.parametrize("stage", STAGE_NAMES)
@@ -130,7 +130,7 @@ def test_help_stage_shows_the_keys_of_each_source_kind():
 
     text = defaults.describe("download")
     by_kind = defaults.kinds(download.Config.model_fields["source"])
-    assert list(by_kind) == ["local", "url", "hf", "llama2c"]
+    assert list(by_kind) == ["local", "url", "hf", "llama2c", "hf_model", "local_hf"]
     for kind, model in by_kind.items():
         assert f"  source.kind = {kind}: conf/source/{kind}.yaml" in text
         part = text.split(f"source.kind = {kind}:", 1)[1].split("source.kind =", 1)[0]

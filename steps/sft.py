@@ -5,7 +5,7 @@ Trains on top of the base-zh model with the pre-training adapter(s) folded in fi
 order: the final merge applies base-zh + [pt, sft]). Each record {instruction, input, output}:
 
     source = PROMPT_TEMPLATE.format(instruction=instruction + ("\\n" + input if input else ""))
-    target = output + EOS
+    target = output + EOS          (EOS: sft.eos_token, else the tokenizer's; Llama 3: <|eot_id|>)
     input_ids = (tok(source) + tok(target, no specials))[:max_seq_length]      (BOS on the source)
     labels    = ([-100] * len(source ids) + target ids)[:max_seq_length]
 
@@ -44,6 +44,14 @@ IGNORE_INDEX = -100
 ALPACA_ZH_TEMPLATE = (
     "Below is an instruction that describes a task. Write a response that appropriately "
     "completes the request.\n\n### Instruction:\n{instruction}\n\n### Response: ")
+# Chinese-LLaMA-Alpaca-3 build_dataset.py: system_format with DEFAULT_SYSTEM_PROMPT + user_format,
+# exactly. <|begin_of_text|> is not in the text: the tokenizer prepends it, as Meta's
+# ChatFormat.encode_dialog_prompt does (upstream tokenizes without specials, so its rows start
+# without it while its inference, via the chat template, starts with it).
+LLAMA3_CHAT_TEMPLATE = (
+    "<|start_header_id|>system<|end_header_id|>\n\nYou are a helpful assistant. 你是一个乐于助人的助手。"
+    "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n{instruction}<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n")
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +80,9 @@ class Config(TrainConfig):
                                              "padding)")
     pad_token: str | None = Field("[PAD]", description="added when the tokenizer has none (v1: "
                                                        "49953 -> 49954 rows)")
+    eos_token: str | None = Field(None, description=(
+        "the token appended after each output and supervised; null: the tokenizer's EOS "
+        "(LLaMA-1/2 </s>). Llama 3 chat data ends its turn with <|eot_id|>"))
     max_bad_fraction: float = Field(0.1, ge=0, le=1, description=(
         "abort if more records than this are bad (they are counted and logged)"))
     learning_rate: LearningRate = stage_default("learning_rate", 1e-4)
@@ -117,6 +128,18 @@ def record_problem(rec: dict) -> str:
     return ""
 
 
+def eos_id(tokenizer, eos_token: str | None) -> int:
+    """The id appended after each output: eos_token's (one token of the tokenizer) or, for
+    None, the tokenizer's EOS."""
+    if eos_token is None:
+        return tokenizer.eos_token_id
+    tid = tokenizer.convert_tokens_to_ids(eos_token)
+    if tid is None or (tid == tokenizer.unk_token_id and eos_token != tokenizer.unk_token):
+        raise ValueError(f"sft.eos_token {eos_token!r} is not a token of the tokenizer (a Llama 3 "
+                         "tokenizer has <|eot_id|>; null uses the tokenizer's EOS)")
+    return tid
+
+
 def format_prompt(instruction: str, input: str | None = "",
                   template: str = ALPACA_ZH_TEMPLATE) -> str:
     """The prompt text for one record; SFT trains on it and evaluate generates from it.
@@ -124,12 +147,21 @@ def format_prompt(instruction: str, input: str | None = "",
     return template.format(instruction=f"{instruction}\n{input}" if input else instruction)
 
 
-def encode(rec: dict, tokenizer, template: str, max_len: int) -> dict:
-    """input_ids / labels for one good record (see the module docstring)."""
-    source = tokenizer(format_prompt(rec["instruction"], rec.get("input"), template))["input_ids"]
+def _bos_in_text(text: str, tokenizer) -> bool:
+    """Whether `text` starts with the BOS token's text (Meta's chat format writes
+    <|begin_of_text|>): the tokenizer must then not add a second one."""
+    return bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
+
+
+def encode(rec: dict, tokenizer, template: str, max_len: int, eos: int | None = None) -> dict:
+    """input_ids / labels for one good record (see the module docstring); eos: the id appended
+    after the output (None: the tokenizer's EOS)."""
+    prompt = format_prompt(rec["instruction"], rec.get("input"), template)
+    source = tokenizer(prompt, add_special_tokens=not _bos_in_text(prompt, tokenizer))["input_ids"]
     # EOS appended as an id (equal to tokenizing output + "</s>" as the recipe does, without
     # depending on how a tokenizer version parses special-token text inside a string)
-    target = tokenizer(rec["output"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    target = tokenizer(rec["output"], add_special_tokens=False)["input_ids"] + [
+        tokenizer.eos_token_id if eos is None else eos]
     return {"input_ids": (source + target)[:max_len],
             "labels": ([IGNORE_INDEX] * len(source) + target)[:max_len]}
 
@@ -172,7 +204,8 @@ def build_examples(files: list[Path], tokenizer, cfg: Config, work: Path, field:
             log.warning("%s: %d more bad records", f, len(bad) - 5)
         ds = ds.filter(lambda r: not r["_problem"], desc=f"drop bad {f.name}")
         ds = ds.map(encode, fn_kwargs={"tokenizer": tokenizer, "template": cfg.prompt_template,
-                                       "max_len": cfg.max_seq_length},
+                                       "max_len": cfg.max_seq_length,
+                                       "eos": eos_id(tokenizer, cfg.eos_token)},
                     remove_columns=ds.column_names, desc=f"tokenize {f.name}")
         n = len(ds)
         ds = ds.filter(lambda r: any(x != IGNORE_INDEX for x in r["labels"][1:]))
@@ -243,7 +276,11 @@ def data_key(config: Config, files: list[Path], val_files: list[Path], tokenizer
         "pad": tokenizer.pad_token, "template": config.prompt_template,
         "max_len": config.max_seq_length, "packing": config.packing,
         "split": config.validation_split, "seed": config.seed,
-        "max_bad": config.max_bad_fraction})
+        "max_bad": config.max_bad_fraction,
+        # only when set: the keys of runs with the tokenizer's EOS stay what they were
+        **({"eos": config.eos_token} if config.eos_token is not None else {}),
+        # such a template once gave two BOS: rows cached then are not these
+        **({"bos_in_text": True} if _bos_in_text(config.prompt_template, tokenizer) else {})})
 
 
 def _builder(config: Config, files: list[Path], val_files: list[Path], tokenizer):
@@ -292,6 +329,7 @@ def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = N
     val_files = data_files(config.validation_data, SUFFIXES, "sft.validation_data") \
         if config.validation_data else []
     tokenizer, tok_src = load_tokenizer(model, adapters, config.pad_token)
+    eos_id(tokenizer, config.eos_token)     # a wrong eos_token fails before any data is read
     key = data_key(config, files, val_files, tokenizer, tok_src)
     build = _builder(config, files, val_files, tokenizer)
     with prepared(data_cache_dir, key, build) as (ddir, meta, hit):
@@ -301,7 +339,9 @@ def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = N
         log.info("sft data: %d records, %d bad %s, %d train / %d eval examples", meta["records"],
                  bad_total, counts, n_train, n_eval)
         info = {"data_digest": key, "prompt_template": config.prompt_template,
-                "max_seq_length": config.max_seq_length}
+                "max_seq_length": config.max_seq_length,
+                # only when set, so the adapters of runs with the tokenizer's EOS stay as they were
+                **({"eos_token": config.eos_token} if config.eos_token is not None else {})}
         summary = execute("steps.sft", _worker, config, out_dir, on_metrics=on_metrics,
                           model=str(model), adapters=[str(a) for a in adapters], dataset=str(ddir),
                           pad_id=tokenizer.pad_token_id,

@@ -4,6 +4,7 @@ on top of a pre-training adapter ([PAD] added: adapter rows = tokenizer length).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -58,6 +59,84 @@ def test_encode_matches_hand_tokenized_recipe_example(llama_hf_tokenizer, llama_
     # truncation cuts the target from the end (the recipe: EOS may be lost)
     got = sft.encode(rec, llama_hf_tokenizer, RECIPE_TEMPLATE, len(source) + 3)
     assert got["input_ids"] == source + target[:3] and got["labels"] == [-100] * len(source) + target[:3]
+
+
+# Chinese-LLaMA-Alpaca-3 scripts/training/build_dataset.py, written out here on purpose:
+# system_format.format(content=DEFAULT_SYSTEM_PROMPT) + user_format.
+LLAMA3_RECIPE_TEMPLATE = (
+    "<|start_header_id|>system<|end_header_id|>\n\nYou are a helpful assistant. 你是一个乐于助人的助手。"
+    "<|eot_id|>" + "<|start_header_id|>user<|end_header_id|>\n\n{instruction}<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n")
+
+
+@pytest.fixture(scope="module")
+def llama3_tokenizers(tmp_path_factory):
+    """(HF, Meta) tokenizers: the HF one as convert writes it for a Meta Llama 3 base download
+    (steps/llama3.py on the tokenizer.model that llama-models ships), Meta's own tiktoken one."""
+    from llama_models.llama3 import tokenizer as meta_tokenizer
+    from transformers import AutoTokenizer
+
+    from steps.llama3 import Conversion
+
+    model_file = Path(meta_tokenizer.__file__).parent / "tokenizer.model"
+    meta_dir = tmp_path_factory.mktemp("llama3_meta")
+    (meta_dir / "tokenizer.model").symlink_to(model_file)
+    out = tmp_path_factory.mktemp("llama3_hf_tok")
+    Conversion(meta_dir).save_tokenizer(out)
+    return AutoTokenizer.from_pretrained(out), meta_tokenizer.Tokenizer(model_file)
+
+
+def _meta_chat_ids(meta, system: str, user: str, output: str) -> tuple[list[int], list[int]]:
+    """(prompt, target) ids by Meta's chat_format.py: the dialog prompt up to the assistant
+    header, then the output and <|eot_id|>."""
+    from llama_models.datatypes import RawMessage
+    from llama_models.llama3.chat_format import ChatFormat
+
+    prompt = ChatFormat(meta).encode_dialog_prompt(
+        [RawMessage(role="system", content=system), RawMessage(role="user", content=user)]).tokens
+    return list(prompt), meta.encode(output, bos=False, eos=False) + [meta.special_tokens["<|eot_id|>"]]
+
+
+@pytest.mark.parametrize("with_input", [True, False])
+def test_llama3_chat_example_is_metas_chat_format(llama3_tokenizers, with_input):
+    hf, meta = llama3_tokenizers
+    assert sft.LLAMA3_CHAT_TEMPLATE == LLAMA3_RECIPE_TEMPLATE
+    rec = {"instruction": "把下面的句子翻译成英文。", "input": "茶叶在山上手工采摘。" if with_input else "",
+           "output": "Tea is picked by hand in the hills."}
+    user = rec["instruction"] + ("\n" + rec["input"] if with_input else "")
+    prompt, target = _meta_chat_ids(meta, "You are a helpful assistant. 你是一个乐于助人的助手。",
+                                    user, rec["output"])
+    eot = sft.eos_id(hf, "<|eot_id|>")
+    assert eot == 128009 and hf.eos_token_id == 128001         # a base download's EOS is not it
+    got = sft.encode(rec, hf, sft.LLAMA3_CHAT_TEMPLATE, 512, eot)
+    assert got["input_ids"] == prompt + target
+    assert got["input_ids"][0] == 128000 and got["input_ids"].count(128000) == 1   # BOS once
+    assert got["labels"] == [-100] * len(prompt) + target
+    assert got["labels"][-1] == 128009                              # the turn's end is learnt
+    # the same template written with Meta's leading <|begin_of_text|>: still one BOS
+    assert sft.encode(rec, hf, "<|begin_of_text|>" + sft.LLAMA3_CHAT_TEMPLATE, 512, eot) == got
+
+
+def test_eos_token_setting(llama3_tokenizers, llama_hf_tokenizer, tmp_path):
+    hf, _ = llama3_tokenizers
+    assert sft.eos_id(hf, None) == 128001 and sft.eos_id(llama_hf_tokenizer, None) == 2
+    with pytest.raises(ValueError, match="not a token of the tokenizer"):
+        sft.eos_id(hf, "<|im_end|>")
+    with pytest.raises(ValueError, match="not a token of the tokenizer"):
+        sft.eos_id(llama_hf_tokenizer, "<|eot_id|>")
+    # build_examples appends the configured token after every output
+    rec = {"instruction": "你好", "input": "", "output": "你好！"}
+    (tmp_path / "one.json").write_text(json.dumps([rec] * 3, ensure_ascii=False))
+    hf.pad_token = "<|end_of_text|>"
+    cfg = sft.Config(prompt_template=sft.LLAMA3_CHAT_TEMPLATE, eos_token="<|eot_id|>")
+    ds, _, _ = sft.build_examples([tmp_path / "one.json"], hf, cfg, tmp_path / "w", "sft.data")
+    assert [r[-1] for r in ds["labels"]] == [128009] * 3
+    # tokenized with another end token, the cached examples are not reused
+    key = lambda c: sft.data_key(c, [tmp_path / "one.json"], [], hf, Path(hf.name_or_path))
+    assert key(cfg) != key(cfg.model_copy(update={"eos_token": None}))
+    # and so it does for a template that writes the BOS itself (one BOS, not two as before)
+    assert key(cfg) != key(cfg.model_copy(update={"prompt_template": "<|begin_of_text|>" +
+                                                  cfg.prompt_template}))
 
 
 def test_collate_pads_with_pad_id_and_masks_labels():

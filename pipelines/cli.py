@@ -167,16 +167,17 @@ def cmd_demo(args) -> int:
         raise ConfigError([problem])
     from pipelines.demo import demo_overrides, ensure_demo_source, serve_directory
 
-    source = ensure_demo_source(workdir)
+    source = ensure_demo_source(workdir, recipe=args.recipe)
     with (serve_directory(source) if args.http else contextlib.nullcontext()) as url:
         if url:
             print(f"demo: serving the synthetic Meta checkpoint at {url}", flush=True)
-        rc = _run(demo_overrides(workdir, _hide_secrets(args.overrides), url), args.from_stage,
-                  args.multirun)
+        rc = _run(demo_overrides(workdir, _hide_secrets(args.overrides), url, args.recipe),
+                  args.from_stage, args.multirun)
     if rc:
         return rc
     here = "" if _workdir([]) == workdir else f"LLAMAFLOW_WORKDIR={workdir} "
-    print(f"Next:      {here}llamaflow run recipe=demo pretrain.lora.r=16   (README: Using it)")
+    print(f"Next:      {here}llamaflow run recipe={args.recipe} pretrain.lora.r=16   "
+          "(README: Using it)")
     return 0
 
 
@@ -320,6 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="the tiny CPU lifecycle on a synthetic checkpoint it keeps "
                                     "in the workspace (then: llamaflow run recipe=demo ...)")
     d.add_argument("--workdir", default=os.environ.get("LLAMAFLOW_WORKDIR", "workspace"))
+    d.add_argument("--recipe", default="demo", choices=("demo", "demo-llama3"),
+                   help="demo-llama3: a Llama-3-shaped checkpoint with the real Llama 3 tokenizer "
+                        "(from the llama-models package)")
     d.add_argument("--http", action="store_true",
                    help="download the checkpoint from a 127.0.0.1 HTTP server (a url source, as "
                         "Meta's presigned URLs are) instead of reading the folder")
@@ -376,11 +380,24 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except ConfigError as e:  # every problem at once, with its key and fix; nothing ran
         print(f"llamaflow: {e}", file=sys.stderr)
-        if any(p.key == "source.path" and str(p.value).rstrip("/").endswith("/demo-source")
-               for p in e.problems):
-            print("llamaflow: recipe=demo reads the checkpoint `llamaflow demo` writes into the "
-                  "workspace: run `llamaflow demo` first, with the same workdir", file=sys.stderr)
+        for hint in _demo_hints(e.problems):
+            print(hint, file=sys.stderr)
         return 2
+
+
+def _demo_hints(problems) -> list[str]:
+    """For a demo recipe's missing source folder, the command that writes it."""
+    from pipelines.demo import DEMO_SOURCES
+
+    folders = {str(p.value).rstrip("/").rsplit("/", 1)[-1] for p in problems
+               if p.key == "source.path"}
+    hints = []
+    for recipe, (folder, _) in DEMO_SOURCES.items():
+        if folder in folders:
+            cmd = "llamaflow demo" + ("" if recipe == "demo" else f" --recipe {recipe}")
+            hints.append(f"llamaflow: recipe={recipe} reads the checkpoint `{cmd}` writes into the "
+                         f"workspace: run `{cmd}` first, with the same workdir")
+    return hints
 
 
 if __name__ == "__main__":

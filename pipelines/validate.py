@@ -403,13 +403,64 @@ def _source_problems(cfg: dict, config, problems: list[Problem]) -> None:
                                     "download has one next to params.json"))
         tok = base_tokenizer(cfg)
         if tok is not None:
-            _sp_model("source.path", tok, problems)
+            _source_tokenizer_problems(tok, problems)
     elif src.kind == "local_hf":
         _local_hf_problems(cfg, src, problems)
     elif src.kind == "url" and src.url is None and not os.environ.get(src.url_env or ""):
         problems.append(Problem("source.url_env", src.url_env,
                                 f"the environment variable {src.url_env} is not set: export the "
                                 "presigned URL into it, or pass source.url=..."))
+
+
+def _source_tokenizer_problems(tok: Path, problems: list[Problem]) -> None:
+    """A Meta download's tokenizer.model parsed: tiktoken's (Llama 3) or SentencePiece's."""
+    from steps import llama3
+
+    if not llama3.is_tiktoken(tok):
+        _sp_model("source.path", tok, problems)
+        return
+    try:
+        llama3.read_ranks(tok)
+    except ValueError as e:  # MetaFormatError names the file and line
+        problems.append(Problem("source.path", str(tok), f"{e}; fix source.path"))
+
+
+def source_is_bpe(cfg: dict) -> bool | None:
+    """Whether the source's tokenizer, on disk before the run, is a byte-level BPE (a Llama 3
+    tiktoken tokenizer.model, or an HF folder with tokenizer.json and no SentencePiece model);
+    None when it is not on disk yet (hub and URL sources)."""
+    from steps import llama3
+
+    src = cfg.get("source") or {}
+    if src.get("kind") == "local_hf" and src.get("path") not in (None, "???"):
+        root = Path(src["path"]).expanduser().resolve()
+        if (root / "tokenizer.model").is_file():
+            return False
+        return True if (root / "tokenizer.json").is_file() else None
+    tok = base_tokenizer(cfg)
+    return None if tok is None else llama3.is_tiktoken(tok)
+
+
+def _bpe_counter(cfg: dict):
+    """(text -> tokens the evaluate stage gets: ids plus BOS, tokenizer path) for a byte-level
+    BPE source on disk, or (None, None): counted with the tokenizer convert will write."""
+    from steps import llama3
+
+    if not source_is_bpe(cfg):
+        return None, None
+    src = cfg["source"]
+    try:
+        if src.get("kind") == "local_hf":
+            from tokenizers import Tokenizer
+
+            path = Path(src["path"]).expanduser().resolve() / "tokenizer.json"
+            tok = Tokenizer.from_file(str(path))
+        else:
+            path = base_tokenizer(cfg)
+            tok = llama3.build_tokenizer(llama3.read_ranks(path))
+    except Exception:  # a bad file (any parse error): the download check reports it
+        return None, None
+    return (lambda text: len(tok.encode(text, add_special_tokens=False).ids) + 1), path
 
 
 def _local_hf_problems(cfg: dict, src, problems: list[Problem]) -> None:
@@ -431,12 +482,40 @@ def _local_hf_problems(cfg: dict, src, problems: list[Problem]) -> None:
         problems.append(Problem(key, allow if key.startswith("convert") else src.path, str(e)))
 
 
+def _vocab_mode_problems(cfg: dict, config, problems: list[Problem]) -> bool:
+    """vocab.mode against the source's tokenizer (when on disk), and add_tokens' own inputs;
+    False when the mode does not fit the base."""
+    from steps.vocab_bpe import check_mode
+
+    bpe = source_is_bpe(cfg)
+    if bpe is not None:
+        try:
+            check_mode(config.mode, not bpe, "the source")
+        except ValueError as e:
+            problems.append(Problem("vocab.mode", config.mode, str(e)))
+            return False
+    if config.mode != "add_tokens":
+        return True
+    if config.add_tokens_file is not None:
+        why = _readable(Path(config.add_tokens_file))
+        if why:
+            problems.append(Problem("vocab.add_tokens_file", str(config.add_tokens_file),
+                                    f"{why}: fix vocab.add_tokens_file or set it to null"))
+    elif not config.add_tokens:
+        problems.append(Problem("vocab.add_tokens", [], "vocab.mode=add_tokens: set "
+                                "vocab.add_tokens (a list of tokens) or vocab.add_tokens_file"))
+    return True
+
+
 def _file_problems(cfg: dict, name: str, config, problems: list[Problem]) -> None:
     """The user files stage `name` reads: there, readable, holding text, parsing."""
     if name == "download":
         _source_problems(cfg, config, problems)
     elif name == "vocab":
-        if config.extra_sp is not None:
+        # a mode refused for the base needs another mode, not the inputs of the refused one
+        if not _vocab_mode_problems(cfg, config, problems) or config.mode in ("none", "add_tokens"):
+            pass
+        elif config.extra_sp is not None:
             _sp_model("vocab.extra_sp", config.extra_sp, problems)
         elif config.corpus is not None:
             corpus = config.corpus if isinstance(config.corpus, list) else [config.corpus]
@@ -540,6 +619,9 @@ def _eval_token_problems(cfg: dict, ev, vocab_config, problems: list[Problem]) -
     base_tok = base_tok if base_sp is not None else None
     merged = _merged_counter(base_tok, vocab_config) if (base_tok and merged_models and
                                                          vocab_config is not None) else None
+    bpe, bpe_path = _bpe_counter(cfg) if base_sp is None else (None, None)
+    if bpe is not None and vocab_config is not None and vocab_config.mode == "none":
+        merged = lambda text: (bpe(text), True, "vocab.mode none: the source's tokenizer")
     for name, s in ev.eval_sets.items():
         key = f"evaluate.eval_sets.{name}"
         budget = s.max_tokens if s.max_tokens is not None else ev.max_tokens
@@ -559,10 +641,11 @@ def _eval_token_problems(cfg: dict, ev, vocab_config, problems: list[Problem]) -
             continue
         short = []
         if "base" in wanted:
-            if base_sp is not None:
-                n = _count(base_sp, text)
+            if base_sp is not None or bpe is not None:
+                n = _count(base_sp, text) if base_sp is not None else bpe(text)
                 if n < need:
-                    short.append(f"base: {n} tokens with the source's tokenizer {base_tok}")
+                    short.append(f"base: {n} tokens with the source's tokenizer "
+                                 f"{base_tok or bpe_path}")
             elif (n := _upper_bound(text)) < need:
                 short.append(f"base: at most {n} tokens with any tokenizer")
         if merged_models:

@@ -36,6 +36,7 @@ each result also normalises the same summed NLL by the text the scored tokens st
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -66,6 +67,48 @@ STAGE = Stage(gpu=True, flow=FlowKeys, tables={"generations.jsonl": ("output_ids
 PROTOCOLS = ("llama.cpp", "strided")
 
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+def _is_byte_level(tokenizer) -> bool:
+    """Whether an HF tokenizer is a byte-level BPE (Llama 3's): its pieces spell bytes in the
+    printable alphabet of tokenizers' ByteLevel, not text with "▁" for spaces."""
+    from tokenizers import decoders
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    return backend is not None and isinstance(backend.decoder, decoders.ByteLevel)
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_level_alphabet() -> dict[str, int]:
+    """ByteLevel's character -> byte: printable Latin-1 bytes stand for themselves, the other
+    bytes for the characters from U+0100 on, in byte order."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+            *range(ord("®"), ord("ÿ") + 1)]
+    chars, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + n)] = b
+            n += 1
+    return chars
+
+
+def _byte_level_bytes(tokenizer, ids: set[int], special: set[int]) -> dict[int, bytes]:
+    """Each id's bytes as llama.cpp's token_to_piece gives them for a byte-level BPE: a piece's
+    characters mapped back to bytes; an added token (kept as text, not as byte characters) its
+    UTF-8; control tokens empty."""
+    alphabet = _byte_level_alphabet()
+    added = {i: t.content for i, t in tokenizer.added_tokens_decoder.items()}
+    out = {}
+    for i in ids:
+        if i in special:
+            out[i] = b""
+        elif i in added:
+            out[i] = added[i].encode("utf-8")
+        else:
+            out[i] = bytes(alphabet[c] for c in tokenizer.convert_ids_to_tokens(i))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,6 +165,8 @@ class HFModel:
 
     def token_bytes(self, ids: Sequence[int]) -> dict[int, bytes]:
         special = set(self.tokenizer.all_special_ids)
+        if _is_byte_level(self.tokenizer):
+            return _byte_level_bytes(self.tokenizer, set(int(t) for t in ids), special)
         out = {}
         for i in set(int(t) for t in ids):
             piece = self.tokenizer.convert_ids_to_tokens(i)

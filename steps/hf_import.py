@@ -256,6 +256,13 @@ def _out_config(cfg: dict, dtype: str) -> dict:
                                if k not in ("transformers_version", "torch_dtype", "dtype")}
                               ).to_dict()
     d.update(dtype=dtype, tie_word_embeddings=False, architectures=[LLAMA_ARCH])
+    # Llama 3's scaled rope: the Meta conversion (steps/llama3.py) writes rope_scaling and
+    # rope_theta beside rope_parameters, for readers older than transformers 5; to_dict keeps only
+    # rope_parameters, so they are written back and the import equals a Meta conversion
+    scaling = d.get("rope_parameters") or {}
+    if scaling.get("rope_type") == "llama3":
+        d["rope_scaling"] = {k: v for k, v in scaling.items() if k != "rope_theta"}
+        d["rope_theta"] = scaling["rope_theta"]
     return d
 
 

@@ -37,7 +37,7 @@ from typing import Iterator, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from steps import Stage
+from steps import Stage, vocab_bpe
 from steps.files import data_files
 from steps.tokenizer import (NORMAL, TOKENIZER_FILES, UNUSED, USER_DEFINED, load_sp_proto,
                              save_hf_tokenizer)
@@ -47,7 +47,7 @@ STAGE = Stage()
 
 TRAIN_THREADS = 2   # SentencePiece trainer threads when none are given (see Config.num_threads)
 
-Mode = Literal["all", "cjk"]
+Mode = Literal["all", "cjk", "none", "add_tokens"]
 Init = Literal["mean", "subword_mean", "normal"]
 ScoreStrategy = Literal["rank", "zero"]
 
@@ -81,7 +81,18 @@ class Config(BaseModel):
         "all: append every missing piece (the recipe; it also retokenizes ~55% of English lines, "
         "since chinese_sp brings Latin and digit pieces). cjk: only pieces with a CJK character "
         "(English stays tokenized exactly as before; Chinese ratio 0.470 instead of 0.457 of the "
-        "base token count)"))
+        "base token count). Both merge SentencePiece models: SentencePiece bases only "
+        "(LLaMA-1/2).\n"
+        "none: no extension, the model passes through; with eval_zh/eval_en the run reports the "
+        "base's tokens per character (tokens_per_char_zh_base), which tells whether extending "
+        "would pay (Llama 3, whose 128K vocabulary already covers Chinese).\n"
+        "add_tokens: add the whole tokens of add_tokens/add_tokens_file to a byte-level BPE "
+        "tokenizer (Llama 3's tokenizer.json) and grow the rows by `init`"))
+    add_tokens: list[str] = Field(default_factory=list, description=(
+        "mode add_tokens: tokens to add, each kept whole (one id wherever it occurs); tokens the "
+        "base already encodes as one id are skipped"))
+    add_tokens_file: Path | None = Field(None, description=(
+        "mode add_tokens: a UTF-8 file of tokens to add, one a line (added after add_tokens)"))
     pad_token: str | None = Field(None, description=(
         "Chinese-Alpaca adds \"[PAD]\" as one more special token (49954); null for Chinese-LLaMA "
         "(49953)"))
@@ -111,7 +122,7 @@ class Config(BaseModel):
         "held-out Chinese text for tokens-per-character before and after (optional)"))
     eval_en: Path | None = Field(None, description="held-out English text, the same (optional)")
 
-DATA_FIELDS = ("extra_sp", "corpus", "eval_zh", "eval_en")
+DATA_FIELDS = ("extra_sp", "corpus", "eval_zh", "eval_en", "add_tokens_file")
 
 
 # --------------------------------------------------------------------------------------------
@@ -446,11 +457,8 @@ def extend_model(model_dir: Path, tokenizer_dir: Path, out_dir: Path, init: Init
     if new_vocab < old_vocab:
         raise ValueError(f"{tokenizer_dir} has {new_vocab} tokens but {model_dir} already has "
                          f"{old_vocab}: a merged tokenizer only appends pieces")
-    merged = load_sp_proto(tokenizer_dir / "tokenizer.model")
-    base = _base_tokenizer(model_dir, tokenizer_dir, merged, init)
     n_new = new_vocab - old_vocab
-    subwords = _new_piece_subwords(base, merged, old_vocab, n_new) if init == "subword_mean" \
-        else [None] * n_new
+    subwords = _subwords(model_dir, tokenizer_dir, init, old_vocab, n_new)
     std = float(config.get("initializer_range", 0.02))
 
     def grow(name: str, t):
@@ -477,12 +485,34 @@ def extend_model(model_dir: Path, tokenizer_dir: Path, out_dir: Path, init: Init
     return out_dir
 
 
+def _subwords(model_dir: Path, tokenizer_dir: Path, init: str, old_vocab: int,
+              n_new: int) -> list[list[int] | None]:
+    """subword_mean's old-vocabulary ids per new row (None: the mean of all rows); a BPE
+    tokenizer (no tokenizer.model) splits its added tokens with the base's tokenizer.json."""
+    if not (tokenizer_dir / "tokenizer.model").is_file():
+        if init != "subword_mean":
+            return [None] * n_new
+        added = {t["id"]: t["content"] for t in json.loads(
+            (tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8"))["added_tokens"]}
+        new = [added.get(old_vocab + j) for j in range(n_new)]
+        split = vocab_bpe.subwords(model_dir, [t for t in new if t is not None], old_vocab)
+        it = iter(split)
+        return [next(it) if t is not None else None for t in new]
+    merged = load_sp_proto(tokenizer_dir / "tokenizer.model")
+    base = _base_tokenizer(model_dir, tokenizer_dir, merged, init)
+    return _new_piece_subwords(base, merged, old_vocab, n_new) if init == "subword_mean" \
+        else [None] * n_new
+
+
 def _extend_inputs(model_dir: Path, tokenizer_dir: Path, init: str) -> list[Path]:
     """Fail early on a bad init or an input dir that is not what extend_model reads; returns the
     model's safetensors shards."""
     if init not in ("mean", "subword_mean", "normal"):
         raise ValueError(f"init={init!r}: use 'mean', 'subword_mean' or 'normal'")
-    for f in ("tokenizer.model", "tokenizer.json"):
+    # a SentencePiece merge writes both files; a BPE tokenizer (vocab_bpe) tokenizer.json alone
+    needed = ("tokenizer.model", "tokenizer.json") if vocab_bpe.is_sentencepiece_base(model_dir) \
+        else ("tokenizer.json",)
+    for f in needed:
         if not (tokenizer_dir / f).is_file():
             raise FileNotFoundError(f"{tokenizer_dir / f} not found: tokenizer_dir must be the "
                                     "output of merge_tokenizers (tokenizer.model + HF files)")
@@ -589,6 +619,8 @@ def run(config: Config, out_dir: Path, *, on_metrics=None, model: Path) -> dict:
 
     start = time.time()
     model, out_dir = Path(model), Path(out_dir)
+    if config.mode in vocab_bpe.BPE_MODES or not vocab_bpe.is_sentencepiece_base(model):
+        return _run_without_merge(config, model, out_dir, start)
     base_sp = model / "tokenizer.model"
     if not base_sp.is_file():
         raise FileNotFoundError(f"{base_sp} not found: the vocab stage merges into the model's "
@@ -601,10 +633,7 @@ def run(config: Config, out_dir: Path, *, on_metrics=None, model: Path) -> dict:
                          "to train one on)")
     else:
         _corpus_files(config.corpus)
-    for field in ("eval_zh", "eval_en"):
-        path = getattr(config, field)
-        if path is not None and not Path(path).is_file():
-            raise FileNotFoundError(f"vocab.{field}={path}: file not found")
+    _check_eval_files(config)
 
     work = out_dir / "_work"
     extra_sp = config.extra_sp
@@ -639,5 +668,50 @@ def run(config: Config, out_dir: Path, *, on_metrics=None, model: Path) -> dict:
     shutil.rmtree(work)
     sizes = check_model(out_dir)
     metrics["embedding_rows"] = sizes.embed_rows
+    metrics["seconds"] = time.time() - start
+    return metrics
+
+
+def _check_eval_files(config: Config) -> None:
+    for field in ("eval_zh", "eval_en"):
+        path = getattr(config, field)
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"vocab.{field}={path}: file not found")
+
+
+def _run_without_merge(config: Config, model: Path, out_dir: Path, start: float) -> dict:
+    """vocab.mode none (pass the model through) or add_tokens (a BPE base grown by whole
+    tokens), measured on eval_zh/eval_en with the HF tokenizers (steps/vocab_bpe.py)."""
+    from steps.checks import check_model, tokenizer_size
+
+    vocab_bpe.check_mode(config.mode, vocab_bpe.is_sentencepiece_base(model), str(model))
+    _check_eval_files(config)
+    if config.mode == "none":
+        vocab_bpe.pass_through(model, out_dir)
+        report = dict(mode="none", base_pieces=tokenizer_size(model)[0], pieces_added=0)
+    else:
+        tokens = vocab_bpe.read_token_list(config.add_tokens, config.add_tokens_file)
+        if not tokens:
+            raise ValueError("vocab.mode=add_tokens: set vocab.add_tokens (a list of tokens) or "
+                             "vocab.add_tokens_file (one token a line)")
+        work = out_dir / "_work"
+        report = vocab_bpe.add_tokens(model, tokens, work / "tokenizer")
+        extend_model(model, work / "tokenizer", out_dir, init=config.init, seed=config.seed)
+        shutil.rmtree(work)
+    metrics = dict(base_vocab=report["base_pieces"], merged_vocab=tokenizer_size(out_dir)[0],
+                   pieces_added=report["pieces_added"])
+    for lang in ("zh", "en"):
+        path = getattr(config, f"eval_{lang}")
+        if path is not None:
+            lines = read_lines(path)
+            chars = max(sum(map(len, lines)), 1)
+            stats = dict(lines=len(lines), chars=chars,
+                         base_tokens=vocab_bpe.count_tokens(model, lines),
+                         merged_tokens=vocab_bpe.count_tokens(out_dir, lines))
+            metrics[f"tokens_per_char_{lang}_base"] = stats["base_tokens"] / chars
+            metrics[f"tokens_per_char_{lang}_merged"] = stats["merged_tokens"] / chars
+            report[f"eval_{lang}"] = stats
+    (out_dir / "vocab_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    metrics["embedding_rows"] = check_model(out_dir).embed_rows
     metrics["seconds"] = time.time() - start
     return metrics

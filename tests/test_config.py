@@ -137,11 +137,12 @@ def test_every_launcher_option_is_a_valid_stage_setting(launcher):
 # points at ../shared/data so the file checks run on real files.
 def _needs(recipe: str, shared) -> list[str]:
     if recipe.startswith("chinese-"):
-        model = "llama2-7b" if "llama2" in recipe else "llama-7b"
+        model = ("llama2-7b" if "llama2" in recipe else
+                 "llama3-8b" if recipe.endswith("-3") else "llama-7b")
         return [f"model={model}", "source=hf", "source.repo_id=x/y", "source.revision=main",
                 f"pretrain.data=[{shared / 'corpora'}]",
                 f"sft.data=[{shared / 'instructions' / 'alpaca_zh_demo.json'}]"]
-    if recipe == "demo":   # as `llamaflow demo --http` runs it (the URL is never contacted here)
+    if recipe in ("demo", "demo-llama3"):   # as `llamaflow demo --http` runs it (never contacted)
         return ["source=url", "source.url=http://127.0.0.1:9/"]
     return []
 
@@ -166,3 +167,40 @@ def test_every_recipe_config_validates_without_its_data(recipe):
 
     cfg = load_config([f"recipe={recipe}", "source=hf", "source.repo_id=x/y", "source.revision=main"])
     assert validate(cfg, check_files=False)[-1] == "report"
+
+
+# The upstream scripts' values the recipe comments cite (ymcui/Chinese-LLaMA-Alpaca-2 and -3,
+# scripts/training/run_pt.sh, run_sft.sh, build_dataset.py), written out here on purpose.
+UPSTREAM = {
+    "chinese-llama2-alpaca2": {
+        "pretrain": (2e-4, 64, 128, 512, 1.0), "sft": (1e-4, 64, 128, 512, 1.0),
+        "template": "[INST] <<SYS>>\nYou are a helpful assistant. 你是一个乐于助人的助手。\n"
+                    "<</SYS>>\n\n{instruction} [/INST]", "eos": None},
+    "chinese-llama-alpaca-3": {
+        "pretrain": (1e-4, 64, 128, 1024, 1.0), "sft": (1e-4, 64, 128, 512, 3.0),
+        "template": "<|start_header_id|>system<|end_header_id|>\n\nYou are a helpful assistant. "
+                    "你是一个乐于助人的助手。<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"
+                    "{instruction}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+        "eos": "<|eot_id|>"},
+}
+
+
+@pytest.mark.parametrize("recipe", sorted(UPSTREAM))
+def test_recipes_have_the_upstream_settings(recipe):
+    from steps import pretrain, sft
+
+    cfg = load_config([f"recipe={recipe}", "pretrain.data=[x]", "sft.data=[x]"])
+    pt, st = pretrain.Config.model_validate(cfg["pretrain"]), sft.Config.model_validate(cfg["sft"])
+    want = UPSTREAM[recipe]
+    assert (pt.learning_rate, pt.lora.r, pt.lora.alpha, pt.block_size, pt.epochs) == want["pretrain"]
+    assert (st.learning_rate, st.lora.r, st.lora.alpha, st.max_seq_length, st.epochs) == want["sft"]
+    for c in (pt, st):
+        assert (c.lora.dropout, c.lora.target_modules, c.lora.modules_to_save) == (
+            0.05, ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            ["embed_tokens", "lm_head"])
+        assert (c.per_device_batch_size, c.gradient_accumulation_steps) == (1, 8)
+    assert (pt.warmup_ratio, pt.weight_decay, st.warmup_ratio, st.weight_decay) == (0.05, 0.01, 0.03, 0)
+    assert (st.prompt_template, st.eos_token) == (want["template"], want["eos"])
+    if recipe.endswith("-3"):
+        assert cfg["model"]["name"] == "llama3-8b" and cfg["vocab"]["mode"] == "none"
+        assert st.prompt_template == sft.LLAMA3_CHAT_TEMPLATE

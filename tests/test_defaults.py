@@ -181,7 +181,7 @@ def test_the_other_options_of_launcher_and_source_repeat_no_default(group):
             assert list(composed) == list(base), option.name
         checked.append(option.stem)
     assert checked == {"launcher": ["ddp_cpu", "ddp_gpu", "fsdp"],
-                       "source": ["demo", "stories260k"]}[group]
+                       "source": ["demo-llama3", "demo", "stories260k"]}[group]
 
 
 # -- the generator itself -------------------------------------------------------------------

@@ -7,12 +7,15 @@ at a server.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import re
+import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -77,6 +80,45 @@ def git_commit() -> str:
         return "unknown"
 
 
+@contextlib.contextmanager
+def ctrl_c_deferred():
+    """Ctrl-C held back until the block has ended, then delivered as it would have been.
+
+    A KeyboardInterrupt raised inside an MLflow write to SQLite leaves its connection holding
+    the database's write lock: every later write, the one that records the run as KILLED
+    included, then waits out SQLite's busy timeout and fails ("database is locked"), and the
+    interrupted run took over a minute to exit. Writes are short, so they finish first."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signals reach only the main thread
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught and callable(previous):
+            previous(signal.SIGINT, caught[0])  # Python's own handler raises KeyboardInterrupt
+
+
+class _Uninterrupted:
+    """An MlflowClient whose every call runs with Ctrl-C deferred (ctrl_c_deferred)."""
+
+    def __init__(self, client: MlflowClient):
+        self._client = client
+
+    def __getattr__(self, name):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        @functools.wraps(attr)
+        def call(*args, **kwargs):
+            with ctrl_c_deferred():
+                return attr(*args, **kwargs)
+        return call
+
+
 class Tracker:
     def __init__(self, workdir: Path, cfg: dict):
         self.workdir = Path(workdir).resolve()
@@ -86,7 +128,7 @@ class Tracker:
         self.experiment_name = cfg.get("experiment", "llamaflow")
         db = _sqlite_path(self.uri)
         if db is None:  # a server creates its own database, once
-            self.client = MlflowClient(tracking_uri=self.uri)
+            self.client = _Uninterrupted(MlflowClient(tracking_uri=self.uri))
             self.experiment_id = self._experiment()
         else:
             # The first use of a SQLite file (MlflowClient() itself) creates and migrates its
@@ -98,7 +140,7 @@ class Tracker:
                             on_wait=lambda owner: log.info(
                                 "waiting for %s to create the MLflow database %s",
                                 locks.describe(owner), db)):
-                self.client = MlflowClient(tracking_uri=self.uri)
+                self.client = _Uninterrupted(MlflowClient(tracking_uri=self.uri))
                 self.experiment_id = self._experiment()
                 self.client.search_registered_models(max_results=1)  # the registry's store too
 

@@ -364,6 +364,27 @@ def _sp_model(key: str, path, problems: list[Problem]):
         return None
 
 
+def _given_tokenizer_problems(cfg: dict, config, given, problems: list[Problem]) -> None:
+    """vocab.tokenizer against the source's tokenizer.model, where that is on disk already, and
+    against vocab.pad_to_multiple_of (checked, not applied, in mode given)."""
+    from steps.vocab import check_extends
+
+    n = len(given.pieces) + (config.pad_token is not None and
+                             config.pad_token not in {p.piece for p in given.pieces})
+    if config.pad_to_multiple_of and n % config.pad_to_multiple_of:
+        problems.append(Problem("vocab.pad_to_multiple_of", config.pad_to_multiple_of,
+                                f"vocab.tokenizer={config.tokenizer} has {n} tokens, not a "
+                                "multiple: set vocab.pad_to_multiple_of=null (mode given takes "
+                                "the file as it is)"))
+    base = base_tokenizer(cfg)
+    if base is None or not Path(base).is_file():
+        return
+    try:
+        check_extends(Path(base), Path(config.tokenizer))
+    except ValueError as e:
+        problems.append(Problem("vocab.tokenizer", str(config.tokenizer), str(e)))
+
+
 def base_tokenizer(cfg: dict) -> Path | None:
     """The source's own tokenizer.model when it is on disk before the run (local and llama2c
     sources; hub and URL sources bring theirs with the download)."""
@@ -515,6 +536,14 @@ def _file_problems(cfg: dict, name: str, config, problems: list[Problem]) -> Non
         # a mode refused for the base needs another mode, not the inputs of the refused one
         if not _vocab_mode_problems(cfg, config, problems) or config.mode in ("none", "add_tokens"):
             pass
+        elif config.mode == "given":
+            if config.tokenizer is None:
+                problems.append(Problem("vocab.tokenizer", None, "vocab.mode=given takes a "
+                                        "finished tokenizer.model that extends the base's (e.g. "
+                                        "Chinese-LLaMA-2's scripts/tokenizer/tokenizer.model): "
+                                        "set vocab.tokenizer=PATH"))
+            elif (given := _sp_model("vocab.tokenizer", config.tokenizer, problems)) is not None:
+                _given_tokenizer_problems(cfg, config, given, problems)
         elif config.extra_sp is not None:
             _sp_model("vocab.extra_sp", config.extra_sp, problems)
         elif config.corpus is not None:
@@ -716,8 +745,8 @@ def _single_pieces(sp) -> frozenset[str]:
 def _merged_counter(base_tok: Path, vocab_config):
     """text -> (tokens, exact, how) with the merged vocabulary the vocab stage will make, when
     it can be rebuilt cheaply here; None when it cannot."""
-    if vocab_config.score_strategy != "rank":  # HF and SentencePiece ids differ under "zero"
-        return None
+    if vocab_config.score_strategy != "rank" or vocab_config.mode == "given":
+        return None  # HF and SentencePiece ids differ (score 0 pieces); a given file: not rebuilt
     extra = vocab_config.extra_sp
     if extra is not None:
         sp = _merged_sp(str(base_tok), str(extra), None, _vocab_key(vocab_config),

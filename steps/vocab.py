@@ -29,6 +29,7 @@ are copied bit for bit, new rows initialised by `init`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -47,7 +48,7 @@ STAGE = Stage()
 
 TRAIN_THREADS = 2   # SentencePiece trainer threads when none are given (see Config.num_threads)
 
-Mode = Literal["all", "cjk", "none", "add_tokens"]
+Mode = Literal["all", "cjk", "given", "none", "add_tokens"]
 Init = Literal["mean", "subword_mean", "normal"]
 ScoreStrategy = Literal["rank", "zero"]
 
@@ -83,11 +84,18 @@ class Config(BaseModel):
         "(English stays tokenized exactly as before; Chinese ratio 0.470 instead of 0.457 of the "
         "base token count). Both merge SentencePiece models: SentencePiece bases only "
         "(LLaMA-1/2).\n"
+        "given: `tokenizer`, a finished SentencePiece tokenizer.model that extends the base's "
+        "(its first pieces are the base's, in order; Chinese-LLaMA-2's 55,296-piece "
+        "scripts/tokenizer/tokenizer.model), taken as it is; the rows grow to its size.\n"
         "none: no extension, the model passes through; with eval_zh/eval_en the run reports the "
         "base's tokens per character (tokens_per_char_zh_base), which tells whether extending "
         "would pay (Llama 3, whose 128K vocabulary already covers Chinese).\n"
         "add_tokens: add the whole tokens of add_tokens/add_tokens_file to a byte-level BPE "
         "tokenizer (Llama 3's tokenizer.json) and grow the rows by `init`"))
+    tokenizer: Path | None = Field(None, description=(
+        "mode given: the finished tokenizer.model. Its appended pieces keep their own scores, "
+        "so with score 0 ones (Chinese-LLaMA-2's) the HF ids differ from SentencePiece's on "
+        "part of the Chinese lines, as with score_strategy zero (hf_sp_mismatch_lines_*)"))
     add_tokens: list[str] = Field(default_factory=list, description=(
         "mode add_tokens: tokens to add, each kept whole (one id wherever it occurs); tokens the "
         "base already encodes as one id are skipped"))
@@ -122,7 +130,7 @@ class Config(BaseModel):
         "held-out Chinese text for tokens-per-character before and after (optional)"))
     eval_en: Path | None = Field(None, description="held-out English text, the same (optional)")
 
-DATA_FIELDS = ("extra_sp", "corpus", "eval_zh", "eval_en", "add_tokens_file")
+DATA_FIELDS = ("extra_sp", "corpus", "tokenizer", "eval_zh", "eval_en", "add_tokens_file")
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,6 +303,53 @@ def merge_tokenizers(base_sp: Path, extra_sp: Path, out_dir: Path, mode: Mode = 
                   pieces_added=len(merged.added) - counts["unused_pieces"],
                   merged_pieces=len(base.pieces), pad_token=pad_token, tokenizer_size=n_tokens,
                   pad_to_multiple_of=pad_to_multiple_of, **counts)
+    (out_dir / "vocab_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    return out_dir
+
+
+def check_extends(base_sp: Path, given_sp: Path, base=None, given=None) -> None:
+    """Raise unless `given_sp` extends `base_sp`: the base's pieces first, with the same ids and
+    types, and the same normalizer and model type; else the base model's rows would stand for
+    other text."""
+    base = base if base is not None else load_sp_proto(base_sp)
+    given = given if given is not None else load_sp_proto(given_sp)
+    fix = ("vocab.tokenizer must extend the base tokenizer; to build one from a Chinese "
+           "SentencePiece model use vocab.mode=all with vocab.extra_sp")
+    if len(given.pieces) < len(base.pieces):
+        raise ValueError(f"vocab.tokenizer={given_sp}: {len(given.pieces)} pieces, fewer than the "
+                         f"base's {len(base.pieces)} ({base_sp}): {fix}")
+    for i, (b, g) in enumerate(zip(base.pieces, given.pieces)):
+        if (b.piece, b.type) != (g.piece, g.type):
+            raise ValueError(f"vocab.tokenizer={given_sp}: id {i} is {g.piece!r} (type {g.type}), "
+                             f"the base's is {b.piece!r} (type {b.type}) in {base_sp}: {fix}")
+    if given.normalizer_spec != base.normalizer_spec or \
+            given.trainer_spec.model_type != base.trainer_spec.model_type:
+        raise ValueError(f"vocab.tokenizer={given_sp}: its normalizer or model type differs from "
+                         f"{base_sp}'s, so the base's own text would tokenize otherwise: {fix}")
+
+
+def take_tokenizer(base_sp: Path, given_sp: Path, out_dir: Path, pad_token: str | None = None,
+                   pad_to_multiple_of: int | None = None) -> Path:
+    """out_dir/tokenizer.model = `given_sp` byte for byte, with the HF tokenizer files and
+    vocab_report.json (as merge_tokenizers writes them); returns out_dir. `given_sp` must
+    extend `base_sp` (check_extends). A pad_token it lacks is added after the last piece, as in
+    a merge; pad_to_multiple_of is checked, not applied: padding would change the file."""
+    base_sp, given_sp, out_dir = Path(base_sp), Path(given_sp), Path(out_dir)
+    base, given = load_sp_proto(base_sp), load_sp_proto(given_sp)
+    check_extends(base_sp, given_sp, base, given)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(given_sp, out_dir / "tokenizer.model")
+    n_tokens = save_hf_tokenizer(out_dir / "tokenizer.model", out_dir, pad_token=pad_token)
+    if pad_to_multiple_of and n_tokens % pad_to_multiple_of:
+        raise ValueError(f"vocab.tokenizer={given_sp}: {n_tokens} tokens"
+                         f"{' with ' + pad_token if pad_token else ''}, not a multiple of "
+                         f"vocab.pad_to_multiple_of={pad_to_multiple_of}: set it to null, or "
+                         "pad the tokenizer itself")
+    report = dict(base_sp=base_sp.name, tokenizer=given_sp.name, mode="given",
+                  tokenizer_sha256=hashlib.sha256(given_sp.read_bytes()).hexdigest(),
+                  base_pieces=len(base.pieces), merged_pieces=len(given.pieces),
+                  pieces_added=len(given.pieces) - len(base.pieces), pad_token=pad_token,
+                  tokenizer_size=n_tokens, pad_to_multiple_of=pad_to_multiple_of)
     (out_dir / "vocab_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
     return out_dir
 
@@ -626,7 +681,11 @@ def run(config: Config, out_dir: Path, *, on_metrics=None, model: Path) -> dict:
         raise FileNotFoundError(f"{base_sp} not found: the vocab stage merges into the model's "
                                 "SentencePiece tokenizer, which the convert stage writes")
     load_sp_proto(base_sp)
-    if config.extra_sp is not None:
+    if config.mode == "given":
+        if config.tokenizer is None:
+            raise ValueError("vocab.mode=given: set vocab.tokenizer (the finished tokenizer.model)")
+        load_sp_proto(config.tokenizer)
+    elif config.extra_sp is not None:
         load_sp_proto(config.extra_sp)   # a bad file fails here, before any work
     elif config.corpus is None:
         raise ValueError("vocab: set `extra_sp` (an existing SentencePiece model) or `corpus` (text "
@@ -637,16 +696,21 @@ def run(config: Config, out_dir: Path, *, on_metrics=None, model: Path) -> dict:
 
     work = out_dir / "_work"
     extra_sp = config.extra_sp
-    if extra_sp is None:
+    if config.mode == "given":
+        tok_dir = take_tokenizer(base_sp, config.tokenizer, work / "tokenizer",
+                                 pad_token=config.pad_token,
+                                 pad_to_multiple_of=config.pad_to_multiple_of)
+    elif extra_sp is None:
         extra_sp = train_tokenizer(config.corpus, work / "extra", config.vocab_size,
                                    model_type=config.model_type,
                                    character_coverage=config.character_coverage,
                                    input_sentence_size=config.input_sentence_size,
                                    num_threads=config.num_threads, seed=config.seed)
-    tok_dir = merge_tokenizers(base_sp, extra_sp, work / "tokenizer", mode=config.mode,
-                               pad_token=config.pad_token,
-                               pad_to_multiple_of=config.pad_to_multiple_of,
-                               score_strategy=config.score_strategy)
+    if config.mode != "given":
+        tok_dir = merge_tokenizers(base_sp, extra_sp, work / "tokenizer", mode=config.mode,
+                                   pad_token=config.pad_token,
+                                   pad_to_multiple_of=config.pad_to_multiple_of,
+                                   score_strategy=config.score_strategy)
     report = json.loads((tok_dir / "vocab_report.json").read_text())
     extend_model(model, tok_dir, out_dir, init=config.init, seed=config.seed)
 
@@ -663,7 +727,7 @@ def run(config: Config, out_dir: Path, *, on_metrics=None, model: Path) -> dict:
             metrics[f"differs_from_recipe_lines_{lang}"] = stats["differs_from_recipe"]
             report[f"eval_{lang}"] = stats
     (out_dir / "vocab_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    if config.extra_sp is None:
+    if config.extra_sp is None and config.mode != "given":
         shutil.copyfile(extra_sp, out_dir / "extra_sp.model")
     shutil.rmtree(work)
     sizes = check_model(out_dir)

@@ -15,8 +15,9 @@ import json
 import shutil
 from pathlib import Path
 
-# The vocab modes that merge SentencePiece pieces, and the ones for a BPE base.
-SP_MODES = ("all", "cjk")
+# The vocab modes for a SentencePiece base (merging pieces, or a finished tokenizer), and the
+# ones for a BPE base.
+SP_MODES = ("all", "cjk", "given")
 BPE_MODES = ("none", "add_tokens")
 
 
@@ -30,7 +31,7 @@ def check_mode(mode: str, sentencepiece_base: bool, where: str) -> None:
     """Refuse a mode that does not fit the base tokenizer, naming vocab.mode and the fix."""
     if mode in SP_MODES and not sentencepiece_base:
         raise ValueError(
-            f"vocab.mode={mode}: merges SentencePiece pieces, but {where} has a byte-level BPE "
+            f"vocab.mode={mode}: extends a SentencePiece tokenizer, but {where} has a byte-level BPE "
             "tokenizer (tokenizer.json, no SentencePiece tokenizer.model; Llama 3's). Set "
             "vocab.mode=none (no extension; Llama 3's vocabulary already covers Chinese) or "
             "vocab.mode=add_tokens with vocab.add_tokens (whole tokens to add)")

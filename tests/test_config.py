@@ -1,4 +1,8 @@
 """conf/ composes for every model and recipe, with Meta's exact params; CLI override handling."""
+import functools
+import tempfile
+from pathlib import Path
+
 import pytest
 
 from pipelines.cli import _hide_secrets
@@ -135,13 +139,26 @@ def test_every_launcher_option_is_a_valid_stage_setting(launcher):
 
 # What a user adds to run a recipe that needs a real checkpoint (README: "Using it"); the data
 # points at ../shared/data so the file checks run on real files.
+@functools.lru_cache(maxsize=1)
+def _upstream_layout(shared: str) -> Path:
+    """LLaMA's pieces + <pad> + chinese_sp's, unused up to 256 x N: as Chinese-LLaMA-2's file."""
+    from tests.tiny import upstream_layout_tokenizer
+
+    tok = Path(tempfile.mkdtemp(prefix="upstream_layout_")) / "tokenizer.model"
+    return upstream_layout_tokenizer(Path(shared) / "tokenizers" / "llama_tokenizer.model",
+                                     Path(shared) / "tokenizers" / "chinese_sp.model", tok, 256)
+
+
 def _needs(recipe: str, shared) -> list[str]:
     if recipe.startswith("chinese-"):
         model = ("llama2-7b" if "llama2" in recipe else
                  "llama3-8b" if recipe.endswith("-3") else "llama-7b")
+        given = []
+        if recipe == "chinese-llama2-alpaca2":  # upstream's own tokenizer file, laid out as it is
+            given = [f"vocab.tokenizer={_upstream_layout(str(shared))}"]
         return [f"model={model}", "source=hf", "source.repo_id=x/y", "source.revision=main",
                 f"pretrain.data=[{shared / 'corpora'}]",
-                f"sft.data=[{shared / 'instructions' / 'alpaca_zh_demo.json'}]"]
+                f"sft.data=[{shared / 'instructions' / 'alpaca_zh_demo.json'}]", *given]
     if recipe in ("demo", "demo-llama3"):   # as `llamaflow demo --http` runs it (never contacted)
         return ["source=url", "source.url=http://127.0.0.1:9/"]
     return []

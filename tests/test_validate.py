@@ -296,3 +296,18 @@ def test_a_forced_stage_upstream_of_the_selection_runs():
     assert p.selected == ["merge", "quantize", "evaluate"] and p.force == {"merge"}
     p = plan({"stages": ["download"], "force": ["evaluate"]})
     assert p.selected == ["download"] and p.last == 0
+
+
+def test_a_given_tokenizer_is_checked_against_the_source_before_any_stage(shared_data):
+    """vocab.mode=given: a missing vocab.tokenizer, and one that does not extend the source's
+    tokenizer (stories260K's 512 pieces here), are refused at flow start, key named."""
+    out = _problems(["recipe=stories260k", "vocab.mode=given"])
+    assert "vocab.tokenizer" in out and "set vocab.tokenizer=PATH" in out
+    zh = shared_data / "tokenizers" / "chinese_sp.model"
+    out = _problems(["recipe=stories260k", "vocab.mode=given", f"vocab.tokenizer={zh}"])
+    assert f"vocab.tokenizer = '{zh}'" in out and "the base's is" in out and "id 3 is" in out
+    llama = shared_data / "tokenizers" / "llama_tokenizer.model"
+    out = _problems(["recipe=chinese-llama2-alpaca2", "source=hf", "source.repo_id=x/y",
+                     "source.revision=main", f"pretrain.data=[{zh}]", f"sft.data=[{zh}]",
+                     f"vocab.tokenizer={llama}"])   # 32000 + <pad>: not a multiple of 256
+    assert "vocab.pad_to_multiple_of = 256" in out and "32001 tokens, not a multiple" in out

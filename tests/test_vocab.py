@@ -14,7 +14,7 @@ from steps import vocab
 from steps.checks import check_model
 from steps.vocab import (compare_tokenizers, extend_model, has_cjk, merge_tokenizers, read_lines,
                          train_tokenizer)
-from tests.tiny import DEMO_DATA
+from tests.tiny import DEMO_DATA, upstream_layout_tokenizer as _upstream_layout
 
 POEM = "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。"
 
@@ -139,6 +139,36 @@ def test_score_zero_is_the_recipes_tokenizer_and_rank_its_vocabulary(real):
         assert report["score_strategy"] == strategy
         assert report["score_strategy_effect"] == vocab.SCORE_STRATEGY_EFFECT[strategy]
     assert "vocab.score_strategy=zero" in vocab.SCORE_STRATEGY_EFFECT["rank"]
+
+
+def test_given_tokenizer_is_taken_as_it_is(real, tmp_path):
+    """vocab.mode=given (Chinese-LLaMA-2's route: upstream ships its tokenizer): the file is
+    copied byte for byte, HF gets the same pieces, <pad> is the piece already there."""
+    given = _upstream_layout(real["base"], real["extra"], tmp_path / "given.model")
+    out = vocab.take_tokenizer(real["base"], given, tmp_path / "tok", pad_token="<pad>")
+    assert (out / "tokenizer.model").read_bytes() == given.read_bytes()
+    sp, tok = _sp(given), AutoTokenizer.from_pretrained(str(out))
+    assert sp.get_piece_size() == len(tok) == 49954          # 32000 + <pad> + 17953
+    assert (tok.pad_token, tok.pad_token_id) == ("<pad>", 32000)
+    assert tok(POEM, add_special_tokens=False)["input_ids"] == sp.encode(POEM)
+    report = json.loads((out / "vocab_report.json").read_text())
+    assert (report["mode"], report["base_pieces"], report["pieces_added"],
+            report["tokenizer_size"]) == ("given", 32000, 17954, 49954)
+    with pytest.raises(ValueError, match="49954 tokens.*multiple of vocab.pad_to_multiple_of=256"):
+        vocab.take_tokenizer(real["base"], given, tmp_path / "tok256", pad_to_multiple_of=256)
+
+
+def test_given_tokenizer_that_does_not_extend_the_base_is_refused(real, tmp_path):
+    from steps.tokenizer import load_sp_proto
+
+    with pytest.raises(ValueError, match=r"chinese_sp.model: 20000 pieces, fewer than the base's "
+                                         r"32000.*vocab.mode=all with vocab.extra_sp"):
+        vocab.check_extends(real["base"], real["extra"])
+    proto = load_sp_proto(_upstream_layout(real["base"], real["extra"], tmp_path / "g.model"))
+    proto.pieces[100].piece, proto.pieces[101].piece = proto.pieces[101].piece, proto.pieces[100].piece
+    (tmp_path / "swapped.model").write_bytes(proto.SerializeToString())
+    with pytest.raises(ValueError, match=r"swapped.model: id 100 is .*the base's is"):
+        vocab.check_extends(real["base"], tmp_path / "swapped.model")
 
 
 def test_cjk_mode_leaves_english_alone(real):
@@ -330,6 +360,24 @@ def test_run_with_the_recipes_scores_records_it(tiny_hf_model, tmp_path):
     report = json.loads((out / "vocab_report.json").read_text())
     assert report["score_strategy"] == "zero"
     assert report["score_strategy_effect"] == vocab.SCORE_STRATEGY_EFFECT["zero"]
+
+
+def test_run_with_a_given_tokenizer(tiny_hf_model, tiny_merged, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    given = tiny_merged / "tokenizer.model"
+    metrics = vocab.run(vocab.Config(mode="given", tokenizer=given, pad_token="[PAD]",
+                                     eval_zh=DEMO_DATA / "eval_zh.txt"), out, model=tiny_hf_model)
+    assert (out / "tokenizer.model").read_bytes() == given.read_bytes()
+    n = len(AutoTokenizer.from_pretrained(str(tiny_merged)))
+    assert metrics["merged_vocab"] == metrics["embedding_rows"] == n
+    assert metrics["tokens_per_char_zh_merged"] < 0.5 * metrics["tokens_per_char_zh_base"]
+    old = load_file(str(tiny_hf_model / "model.safetensors"))["model.embed_tokens.weight"]
+    new = load_file(str(out / "model.safetensors"))["model.embed_tokens.weight"]
+    assert new.shape[0] == n and torch.equal(new[:old.shape[0]], old)
+    assert not (out / "extra_sp.model").exists() and not (out / "_work").exists()
+    with pytest.raises(ValueError, match="vocab.mode=given: set vocab.tokenizer"):
+        vocab.run(vocab.Config(mode="given"), tmp_path / "x", model=tiny_hf_model)
 
 
 def test_run_rejects_a_bad_extra_sp_before_work(tiny_hf_model, tmp_path):

@@ -38,3 +38,27 @@ def make_tiny_hf_model(out_dir: Path, sp_model: Path, *, hidden: int = 64, layer
     save_hf_tokenizer(sp_model, out_dir)
     (out_dir / "README.txt").write_text(json.dumps({"made_by": "tests/tiny.py", "seed": seed}))
     return out_dir
+
+
+def upstream_layout_tokenizer(base: Path, extra: Path, out: Path,
+                              multiple_of: int | None = None) -> Path:
+    """A finished tokenizer laid out as Chinese-LLaMA-2's own (the file the vocab stage's mode
+    given takes): the base's pieces, <pad>, the extra model's new pieces, every appended one
+    with score 0, then unused pieces up to a multiple of `multiple_of`."""
+    from steps.tokenizer import NORMAL, UNUSED, load_sp_proto
+
+    proto = load_sp_proto(base)
+    seen = {p.piece for p in proto.pieces}
+    new = ["<pad>"] + [p.piece for p in load_sp_proto(extra).pieces if p.type == NORMAL]
+    for piece in new:
+        if piece not in seen:
+            added = proto.pieces.add()
+            added.piece, added.type, added.score = piece, NORMAL, 0.0
+            seen.add(piece)
+    i = 0
+    while multiple_of and len(proto.pieces) % multiple_of:
+        added = proto.pieces.add()
+        added.piece, added.type, added.score = f"<unused{i}>", UNUSED, 0.0
+        i += 1
+    Path(out).write_bytes(proto.SerializeToString())
+    return Path(out)

@@ -47,7 +47,7 @@ def lifecycle_steps(run: LifecycleRun) -> None:
         for name, (model, adapters) in candidates.items()
         if name in wanted or (name.startswith("gguf-") and "gguf" in wanted)}
     run.stage("report", evaluations=evaluations, training={"pretrain": pt, "sft": sft},
-              quantized=ggufs)
+              quantized=ggufs, vocab=zh)
 
 
 @flow(name="lifecycle")

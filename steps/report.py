@@ -8,7 +8,9 @@ Inputs are the evaluate stage's out_dirs (results.json each), the training stage
     loss_curves.png           training (and eval) loss per step of each training run
     quant_size_vs_ppl.png     GGUF file size vs perplexity per quant type
     gates.json                each configured gate with its measured value and pass/fail
-    report.md                 the table, the gates and the plots, for a Prefect markdown artifact
+    report.md                 the table, the vocabulary (tokens per character before and after
+                              the vocab stage), the gates and the plots, for a Prefect markdown
+                              artifact
 
 Per-token perplexity compares only between models with the same tokenizer (the GGUFs and the
 merged model; base vs base-zh do not share a vocabulary). Each row is matched with the reference
@@ -34,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from steps import MetricsCallback, Stage
 
-VERSION = "3"
+VERSION = "4"
 # one report of every evaluation: selected, forced and tagged with evaluate
 STAGE = Stage(part_of="evaluate")
 
@@ -125,7 +127,7 @@ def compare_rows(r: dict, ref: dict) -> tuple[str, str | None]:
 def build_report(evaluations: dict[str, Path], training_logs: dict[str, Path] | None = None,
                  quant_info: dict[str, dict] | None = None, out_dir: Path = Path("."), *,
                  gates: dict[str, Gate | dict] | None = None, reference: str | None = "gguf-f16",
-                 on_fail: str = "tag") -> dict:
+                 on_fail: str = "tag", vocab_report: dict | None = None) -> dict:
     """Write table/plots/gates for `evaluations` (label -> evaluate out_dir) into out_dir and
     return {"rows", "gates", "passed"}; raise GateFailed afterwards if a gate failed and
     on_fail == "fail"."""
@@ -157,7 +159,8 @@ def build_report(evaluations: dict[str, Path], training_logs: dict[str, Path] | 
     plots = _plots(rows, labels, training_logs, out_dir, ref=ref,
                    limits=sorted({(c["model"], c["max_delta_pct"]) for c in checks
                                   if c.get("metric") == "ppl" and c["vs"] == ref}))
-    report_md = _report_markdown(table_md, ref, mismatches, checks, skipped, plots)
+    report_md = _report_markdown(table_md, ref, mismatches, checks, skipped, plots,
+                                 vocabulary_markdown(vocab_report))
     (out_dir / "report.md").write_text(report_md, encoding="utf-8")
 
     if passed is False and on_fail == "fail":
@@ -253,10 +256,36 @@ def _check_gate(key: str, g: Gate, results: dict[str, dict], rows: list[dict],
     return checks
 
 
+def vocabulary_markdown(vocab_report: dict | None) -> list[str]:
+    """The vocab stage's outcome: tokenizer sizes and, per measured text, tokens per character
+    before and after, the figure that says whether extending the vocabulary paid (or would)."""
+    if not vocab_report:
+        return []
+    mode = vocab_report.get("mode", "all")
+    base = vocab_report["base_pieces"]
+    size = vocab_report.get("tokenizer_size", base + vocab_report.get("pieces_added", 0))
+    what = (f"no extension: the base's {base:,} tokens" if mode == "none" else
+            f"{base:,} → {size:,} tokens ({vocab_report.get('pieces_added', 0):,} pieces added)")
+    md = ["## Vocabulary", "", f"vocab.mode {mode}: {what}.", ""]
+    sets = {k[len("eval_"):]: v for k, v in vocab_report.items()
+            if k.startswith("eval_") and isinstance(v, dict)}
+    if sets:
+        md += ["| text | characters | tokens (base) | tokens (after) | tokens/char (base) | "
+               "tokens/char (after) |", "|---|---|---|---|---|---|"]
+        for name, st in sets.items():
+            chars = max(st["chars"], 1)
+            md.append(f"| {name} | {st['chars']:,} | {st['base_tokens']:,} | "
+                      f"{st['merged_tokens']:,} | {st['base_tokens'] / chars:.3f} | "
+                      f"{st['merged_tokens'] / chars:.3f} |")
+        md.append("")
+    return md
+
+
 def _report_markdown(table_md: str, ref: str | None, mismatches: list[dict], checks: list[dict],
-                     skipped: list[dict], plots: list[str]) -> str:
-    """report.md: the table, the rows not compared, the gates, the skipped gates, the plots."""
-    md = ["# llamaflow evaluation report", "", table_md, ""]
+                     skipped: list[dict], plots: list[str], vocab_md: list[str] = ()) -> str:
+    """report.md: the table, the vocabulary, the rows not compared, the gates, the skipped
+    gates, the plots."""
+    md = ["# llamaflow evaluation report", "", table_md, "", *vocab_md]
     if mismatches:
         md += ["## Token counts differ", "",
                f"These rows tokenized their eval set into another number of tokens than {ref} with "
@@ -402,10 +431,14 @@ def _plot_size_vs_ppl(plt, rows, sets, out_dir: Path, *, ref: str | None,
 
 def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = None,
         evaluations: dict[str, Path], training: dict[str, Path] | None = None,
-        quantized: dict[str, Path] | None = None) -> dict:
+        quantized: dict[str, Path] | None = None, vocab: Path | None = None) -> dict:
     """evaluations: model label -> evaluate out_dir; training: run label -> training stage
     out_dir (its trainer_log.jsonl is plotted); quantized: qtype -> quantize out_dir (its .gguf
-    size and bits per weight go into the rows of the evaluation labelled gguf-<qtype>)."""
+    size and bits per weight go into the rows of the evaluation labelled gguf-<qtype>); vocab:
+    the vocab stage's out_dir (its vocab_report.json: sizes and tokens per character)."""
+    vocab_report = None
+    if vocab is not None and (Path(vocab) / "vocab_report.json").is_file():
+        vocab_report = json.loads((Path(vocab) / "vocab_report.json").read_text(encoding="utf-8"))
     evaluations = {k: Path(v) for k, v in evaluations.items() if v is not None}
     logs = {}
     for label, d in (training or {}).items():
@@ -418,9 +451,14 @@ def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = N
     quant_info = {f"gguf-{q}" if not q.startswith("gguf-") else q: gguf_size(Path(d))
                   for q, d in (quantized or {}).items() if d is not None}
     rep = build_report(evaluations, logs, quant_info, out_dir, gates=config.gates,
-                       reference=config.reference, on_fail=config.on_fail)
+                       reference=config.reference, on_fail=config.on_fail,
+                       vocab_report=vocab_report)
     metrics = {f"{r['model']}.{r['set']}.{k}": r[k] for r in rep["rows"]
                for k in ("ppl", "bits_per_byte", "delta_ppl_pct") if r[k] is not None}
+    for name, st in ((k[len("eval_"):], v) for k, v in (vocab_report or {}).items()
+                     if k.startswith("eval_") and isinstance(v, dict)):
+        metrics[f"vocab.tokens_per_char_{name}_base"] = st["base_tokens"] / max(st["chars"], 1)
+        metrics[f"vocab.tokens_per_char_{name}_after"] = st["merged_tokens"] / max(st["chars"], 1)
     metrics["token_mismatches"] = rep["token_mismatches"]
     metrics["gates_checked"] = len(rep["gates"]["checks"])
     metrics["gates_failed"] = sum(not c["passed"] for c in rep["gates"]["checks"])

@@ -218,3 +218,34 @@ def test_same_vocabulary_other_token_count_is_marked_not_compared(tmp_path):
                run_out, evaluations=evals)
     m = rp.run(rp.Config(), tmp_path, evaluations=evals)
     assert m["token_mismatches"] == 1 and "merged.stories.delta_ppl_pct" not in m
+
+
+def test_report_shows_tokens_per_character_of_the_vocab_stage(evaluated, tiny_hf_model, tmp_path):
+    """The vocab stage's own vocab_report.json (mode none and a merge) becomes the report's
+    Vocabulary section and its tokens-per-character metrics."""
+    from steps import vocab
+
+    runs = {"none": vocab.Config(mode="none", eval_zh=DEMO_DATA / "eval_zh.txt"),
+            "all": vocab.Config(corpus=[DEMO_DATA / "corpus_zh.txt"], vocab_size=450,
+                                num_threads=1, eval_zh=DEMO_DATA / "eval_zh.txt")}
+    for mode, config in runs.items():
+        zh = tmp_path / f"vocab-{mode}"
+        zh.mkdir()
+        vm = vocab.run(config, zh, model=tiny_hf_model)
+        out = tmp_path / f"report-{mode}"
+        out.mkdir()
+        metrics = rp.run(rp.Config(reference=None), out, evaluations=evaluated["evaluations"],
+                         vocab=zh)
+        assert metrics["vocab.tokens_per_char_zh_base"] == vm["tokens_per_char_zh_base"]
+        assert metrics["vocab.tokens_per_char_zh_after"] == vm["tokens_per_char_zh_merged"]
+        md = (out / "report.md").read_text()
+        assert "## Vocabulary" in md
+        row = next(l for l in md.splitlines() if l.startswith("| zh |"))
+        assert row.endswith(f"| {vm['tokens_per_char_zh_base']:.3f} | "
+                            f"{vm['tokens_per_char_zh_merged']:.3f} |")
+        if mode == "none":
+            assert "vocab.mode none: no extension: the base's 320 tokens." in md
+            assert vm["tokens_per_char_zh_base"] == vm["tokens_per_char_zh_merged"]
+        else:
+            assert f"320 → {vm['merged_vocab']:,} tokens" in md
+            assert vm["tokens_per_char_zh_merged"] < 0.5 * vm["tokens_per_char_zh_base"]

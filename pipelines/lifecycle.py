@@ -22,6 +22,7 @@ from pipelines.config import to_yaml
 from pipelines.runner import LifecycleRun, end_failed
 from pipelines.tracking import Tracker, flatten, git_commit, redact
 from pipelines.validate import check
+from steps.quantize import uses_imatrix
 
 
 def lifecycle_steps(run: LifecycleRun) -> None:
@@ -33,11 +34,15 @@ def lifecycle_steps(run: LifecycleRun) -> None:
     sft = run.stage("sft", model=zh, adapters=[pt])
     merged = run.stage("merge", base=zh, adapters=[pt, sft])
 
-    # f16 is exported from the HF weights; every other type is llama.cpp-quantized from it.
+    # f16 is exported from the HF weights; every other type is llama.cpp-quantized from it,
+    # with the importance matrix of f16 on calibration text where the type asks for one.
     f16 = run.stage("quantize", label="quantize[f16]", config={"qtype": "f16"}, model=merged)
+    types = [q for q in run.cfg["quantize"]["types"] if q != "f16"]
+    imatrix = run.stage("imatrix", gguf=f16) if any(map(uses_imatrix, types)) else None
     ggufs = {"f16": f16} | {
-        q: run.stage("quantize", label=f"quantize[{q}]", config={"qtype": q}, gguf=f16)
-        for q in run.cfg["quantize"]["types"] if q != "f16"}
+        q: run.stage("quantize", label=f"quantize[{q}]", config={"qtype": q}, gguf=f16,
+                     imatrix=imatrix if uses_imatrix(q) else None)
+        for q in types}
 
     candidates = {"base": (hf, []), "base-zh": (zh, []), "base-zh+pt": (zh, [pt]),
                   "merged": (merged, [])} | {f"gguf-{q}": (g, []) for q, g in ggufs.items()}

@@ -75,7 +75,9 @@ class LifecycleRun:
     def stage(self, name: str, *, label: str | None = None, config: dict | None = None,
               **inputs) -> Artifact | None:
         """Run (or fetch from the cache) stage `name` on `inputs` (Artifacts, lists or dicts of
-        them). Returns None for stages after the last selected one."""
+        them; an input given as None is left out, as if not given). Returns None for stages
+        after the last selected one."""
+        inputs = {k: v for k, v in inputs.items() if v is not None}
         declaration = declared(name)
         group = declaration.part_of or name   # what stages/force/--from call it
         label = label or name

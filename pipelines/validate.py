@@ -558,6 +558,8 @@ def _file_problems(cfg: dict, name: str, config, problems: list[Problem]) -> Non
             if why:
                 problems.append(Problem(f"vocab.{field}", str(path), f"{why}: fix vocab.{field} "
                                                                      "or set it to null"))
+    elif name == "imatrix":
+        _imatrix_problems(cfg, config, problems)
     elif name == "pretrain":
         from steps.pretrain import SUFFIXES
 
@@ -577,6 +579,48 @@ def _file_problems(cfg: dict, name: str, config, problems: list[Problem]) -> Non
             except (OSError, ValueError) as e:
                 problems.append(Problem("evaluate.prompts", config.prompts,
                                         f"{e}: fix evaluate.prompts or set it to null"))
+
+
+def _imatrix_used(cfg: dict) -> bool:
+    """Whether a quantize type asks for the importance matrix (so the imatrix stage runs)."""
+    from steps.quantize import uses_imatrix
+
+    types_ = (cfg.get("quantize") or {}).get("types") or []
+    try:
+        return isinstance(types_, list) and any(uses_imatrix(q) for q in types_)
+    except ValueError:   # an unknown type: _quantize_problems names it
+        return False
+
+
+def _imatrix_problems(cfg: dict, config, problems: list[Problem]) -> None:
+    """Calibration text: given, readable, not an eval set's file, and long enough for the two
+    chunks llama-imatrix needs where that can be proven short before the run."""
+    from steps.vocab import iter_corpus
+
+    if not config.data:
+        problems.append(Problem("imatrix.data", [], "no calibration text for the importance "
+                                "matrix: set imatrix.data (files or directories of .txt/.jsonl; "
+                                "the default is pretrain.data), or leave the types that use it "
+                                "(@imatrix, iq*) out of quantize.types"))
+        return
+    files = _data_files("imatrix.data", [str(p) for p in config.data], (".txt", ".jsonl"),
+                        problems)
+    evals = {Path(s["path"]).expanduser().resolve(): name for name, s in
+             ((cfg.get("evaluate") or {}).get("eval_sets") or {}).items()
+             if isinstance(s, dict) and s.get("path")}
+    for f in files:
+        if f.resolve() in evals:
+            problems.append(Problem("imatrix.data", str(f), f"is eval set `{evals[f.resolve()]}`'s "
+                                    "text: the importance matrix would be fitted to the text it "
+                                    "is scored on; calibrate on other text (the training corpus)"))
+    if not files or len(files) != len(set(files)):
+        return
+    need, text = 2 * config.n_ctx, "\n".join(iter_corpus(files))
+    if _upper_bound(text) < need:
+        problems.append(Problem("imatrix.data", [str(p) for p in config.data], f"at most "
+                                f"{_upper_bound(text)} tokens of calibration text; llama-imatrix "
+                                f"needs {need} (2 chunks of imatrix.n_ctx={config.n_ctx}): give "
+                                "more text or a smaller imatrix.n_ctx"))
 
 
 def _quantize_problems(types_: Any, problems: list[Problem]) -> list[str]:
@@ -603,13 +647,14 @@ def _quantize_problems(types_: Any, problems: list[Problem]) -> list[str]:
             continue
         if qn == "f16":
             continue
-        if qn not in quantize.LLAMA_CPP_TYPES:
+        base = quantize.split_qtype(qn)[0]
+        if base not in quantize.LLAMA_CPP_TYPES:
             problems.append(Problem("quantize.types", q, f"the lifecycle exports only f16 from the "
                                     f"merged model and quantizes the rest with llama.cpp, which "
                                     f"does not make {qn}: leave it out of quantize.types"))
-        elif not hasattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qn.upper()}"):
+        elif not hasattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{base.upper()}"):
             problems.append(Problem("quantize.types", q, f"the installed llama.cpp (llama-cpp-python "
-                                    f"{getattr(llama_cpp, '__version__', '?')}) has no {qn.upper()}: "
+                                    f"{getattr(llama_cpp, '__version__', '?')}) has no {base.upper()}: "
                                     "leave it out of quantize.types or upgrade llama-cpp-python"))
         else:
             good.append(qn)
@@ -907,7 +952,9 @@ def validate(cfg: dict, from_stage: str | None = None, *, check_files: bool = Tr
         else:
             configs[name] = _check_stage(cfg, name, None, problems, check_files)
             checked.append(name)
-        for part in parts_of(name):   # report, with evaluate
+        for part in parts_of(name):   # report, with evaluate; imatrix, with quantize
+            if part == "imatrix" and not _imatrix_used(cfg):
+                continue
             configs[part] = _check_stage(cfg, part, None, problems, check_files)
             checked.append(part)
     ev = configs.get("evaluate")

@@ -53,8 +53,15 @@ EXPORT_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 # lower case). Q4_K_M/Q5_K_M give Q6_K to attn_v/ffn_down of some layers and output.weight is Q6_K
 # for every type but Q8_0 (llama.cpp's llama_tensor_get_type).
 LLAMA_CPP_TYPES = ("q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_0", "q5_1", "q4_k_m", "q4_k_s", "q4_0",
-                   "q4_1", "q3_k_m", "q3_k_s", "q3_k_l", "q2_k")
+                   "q4_1", "q3_k_m", "q3_k_s", "q3_k_l", "q2_k", "q2_k_s", "iq4_xs", "iq4_nl",
+                   "iq3_m", "iq3_s", "iq3_xs", "iq3_xxs", "iq2_m", "iq2_s", "iq2_xs", "iq2_xxs",
+                   "iq1_m", "iq1_s")
 ALL_TYPES = tuple(dict.fromkeys(EXPORT_TYPES + LLAMA_CPP_TYPES))
+# `<type>@imatrix`: quantized with the run's importance matrix (the imatrix stage). The IQ types
+# and Q2_K_S always are: llama.cpp refuses the smallest without one, and the others are made for
+# it, so a user listing `iq3_m` gets the file llama.cpp users mean by it.
+IMATRIX_SUFFIX = "@imatrix"
+ALWAYS_IMATRIX = tuple(q for q in LLAMA_CPP_TYPES if q.startswith("iq") or q == "q2_k_s")
 
 # Rows are quantized this many at a time so a 32000×4096 embedding never needs more than a few
 # hundred MB of temporaries on top of its output.
@@ -93,9 +100,28 @@ class Config(BaseModel):
 
 def normalize_qtype(qtype: str) -> str:
     q = str(qtype).strip().lower()
-    if q not in ALL_TYPES:
-        raise ValueError(f"unknown quantization type {qtype!r}; valid types: {', '.join(ALL_TYPES)}")
+    base = q.removesuffix(IMATRIX_SUFFIX)
+    if base not in ALL_TYPES:
+        raise ValueError(f"unknown quantization type {qtype!r}; valid types: {', '.join(ALL_TYPES)}"
+                         f" (a llama.cpp type with {IMATRIX_SUFFIX} uses the importance matrix)")
+    if base != q and base not in LLAMA_CPP_TYPES:
+        raise ValueError(f"{qtype!r}: {base} is exported from the HF weights, with no importance "
+                         f"matrix; {IMATRIX_SUFFIX} goes with llama.cpp's types: "
+                         f"{', '.join(LLAMA_CPP_TYPES)}")
+    if base in ALWAYS_IMATRIX:
+        return base   # the importance matrix is implied
     return q
+
+
+def split_qtype(qtype: str) -> tuple[str, bool]:
+    """("q4_k_m", True) for "q4_k_m@imatrix"; the IQ types use the importance matrix always."""
+    q = normalize_qtype(qtype)
+    base = q.removesuffix(IMATRIX_SUFFIX)
+    return base, base != q or base in ALWAYS_IMATRIX
+
+
+def uses_imatrix(qtype: str) -> bool:
+    return split_qtype(qtype)[1]
 
 
 # --------------------------------------------------------------------------------------------
@@ -575,7 +601,11 @@ def gguf_info(path: Path) -> dict:
             "tensor_types": dict(sorted(Counter(by_name.values()).items())),
             "tensor_type_by_name": by_name,
             "file_type": gguf.LlamaFileType(ft).name if ft is not None else None,
-            "n_vocab": len(r.fields["tokenizer.ggml.tokens"].data)}
+            "n_vocab": len(r.fields["tokenizer.ggml.tokens"].data),
+            # what llama-quantize --imatrix records: matrix file, its dataset, entries, chunks
+            **({"imatrix_meta": {k.removeprefix("quantize.imatrix."): field(k) for k in keys}}
+               if (keys := sorted(k for k in r.fields if k.startswith("quantize.imatrix.")))
+               else {})}
 
 
 def _llama_ftype(qtype: str) -> int:
@@ -585,9 +615,11 @@ def _llama_ftype(qtype: str) -> int:
 
 
 def quantize_gguf(src_gguf: Path, out_path: Path, qtype: str, nthread: int = 0, *,
-                  pure: bool = False) -> Path:
+                  pure: bool = False, imatrix: Path | None = None) -> Path:
     """llama.cpp's quantizer (`llama_model_quantize`, = `llama-quantize src out QTYPE nthread`)
-    from an f32/f16/bf16 GGUF to `qtype`; written to a temp name then renamed."""
+    from an f32/f16/bf16 GGUF to `qtype`; written to a temp name then renamed. With `imatrix`
+    (an imatrix.gguf) it runs llama.cpp's `llama-quantize --imatrix`: the importance matrix
+    reaches the quantizer only through that tool (the library call takes it as a C++ map)."""
     import gguf
 
     src_gguf, out_path = Path(src_gguf), Path(out_path)
@@ -595,6 +627,9 @@ def quantize_gguf(src_gguf: Path, out_path: Path, qtype: str, nthread: int = 0, 
     if q not in LLAMA_CPP_TYPES:
         raise ValueError(f"unknown llama.cpp quantization type {qtype!r}; valid types: "
                          f"{', '.join(LLAMA_CPP_TYPES)}")
+    if q in ALWAYS_IMATRIX and imatrix is None:
+        raise ValueError(f"{q} is quantized with an importance matrix: pass imatrix= (the "
+                         "imatrix stage's imatrix.gguf)")
     if not src_gguf.is_file():
         raise FileNotFoundError(f"{src_gguf}: source GGUF not found (export one with "
                                 "export_gguf(model_dir, out, 'f16'))")
@@ -620,14 +655,40 @@ def quantize_gguf(src_gguf: Path, out_path: Path, qtype: str, nthread: int = 0, 
     params.nthread = int(nthread)
     params.pure = bool(pure)
     try:
-        rc = llama_cpp.llama_model_quantize(str(src_gguf).encode(), str(tmp).encode(), params)
-        if rc != 0:
-            raise RuntimeError(f"llama_model_quantize({src_gguf} -> {q}) failed with code {rc}; "
-                               "see llama.cpp's log above")
+        if imatrix is not None:
+            quantize_with_tool(src_gguf, tmp, q, nthread, pure, Path(imatrix))
+        else:
+            rc = llama_cpp.llama_model_quantize(str(src_gguf).encode(), str(tmp).encode(), params)
+            if rc != 0:
+                raise RuntimeError(f"llama_model_quantize({src_gguf} -> {q}) failed with code "
+                                   f"{rc}; see llama.cpp's log above")
         os.replace(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)
     return out_path
+
+
+def quantize_with_tool(src: Path, out: Path, q: str, nthread: int = 0, pure: bool = False,
+                       imatrix: Path | None = None) -> None:
+    """llama.cpp's `llama-quantize` on the installed wheel's library (the same quantizer as
+    llama_model_quantize, byte for byte). With `imatrix` it runs beside the matrix and names it
+    relatively, so the name it records (quantize.imatrix.file) is the same in every workspace."""
+    import subprocess
+
+    from steps import llamacpp_tools
+
+    if imatrix is not None and not imatrix.is_file():
+        raise FileNotFoundError(f"{imatrix}: importance matrix not found (the imatrix stage "
+                                "makes it)")
+    cmd = [str(llamacpp_tools.tool("llama-quantize")), *(["--pure"] if pure else []),
+           *(["--imatrix", imatrix.name] if imatrix is not None else []),
+           str(Path(src).resolve()), str(Path(out).resolve()), q.upper(),
+           str(nthread or os.cpu_count() or 1)]
+    proc = subprocess.run(cmd, cwd=imatrix.parent if imatrix is not None else None,
+                          env=llamacpp_tools.env(), capture_output=True, text=True)
+    if proc.returncode != 0 or not Path(out).is_file():
+        raise RuntimeError(f"llama-quantize ({Path(src).name} -> {q}) failed with exit "
+                           f"{proc.returncode}: {(proc.stdout + proc.stderr).strip()[-2000:]}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -647,17 +708,22 @@ def find_gguf(src: Path) -> Path:
 
 
 def run(config: Config, out_dir: Path, *, on_metrics=None, model: Path | None = None,
-        gguf: Path | None = None) -> dict:
+        gguf: Path | None = None, imatrix: Path | None = None) -> dict:
     """Make out_dir/model-<qtype>.gguf and out_dir/quant_info.json.
 
     `model` (an HF dir) → our exporter, for f32/f16/bf16 and direct q8_0/q4_0;
-    `gguf` (an artifact dir or file holding an f16/bf16/f32 GGUF) → llama.cpp's quantizer."""
+    `gguf` (an artifact dir or file holding an f16/bf16/f32 GGUF) → llama.cpp's quantizer, with
+    `imatrix` (the imatrix stage's artifact dir) for the types that use one."""
     out_dir = Path(out_dir)
-    q = config.qtype
+    q, with_imatrix = config.qtype, uses_imatrix(config.qtype)
     if (model is None) == (gguf is None):
         raise ValueError("quantize: give exactly one input, `model` (HF dir, for "
                          f"{', '.join(EXPORT_TYPES)}) or `gguf` (the f16 GGUF, for llama.cpp types)")
-    out = out_dir / f"model-{q}.gguf"
+    if with_imatrix != (imatrix is not None):
+        raise ValueError(f"quantize: {q} " + ("uses an importance matrix: pass imatrix=<the "
+                         "imatrix stage's artifact>" if with_imatrix else
+                         f"takes no importance matrix (write {q}{IMATRIX_SUFFIX} for one)"))
+    out = out_dir / f"model-{q.replace('@', '-')}.gguf"
     t0 = time.time()
     if model is not None:
         if q not in EXPORT_TYPES:
@@ -668,15 +734,18 @@ def run(config: Config, out_dir: Path, *, on_metrics=None, model: Path | None = 
         method = "export (gguf numpy)" if q in ("q8_0", "q4_0") else "export"
         source = Path(model)
     else:
-        if q not in LLAMA_CPP_TYPES:
+        base = split_qtype(q)[0]
+        if base not in LLAMA_CPP_TYPES:
             raise ValueError(f"quantize: {q} is exported from the HF model; pass model=<HF dir>")
         source = find_gguf(Path(gguf))
-        quantize_gguf(source, out, q, config.nthread, pure=config.pure)
-        method = "llama.cpp"
+        matrix = Path(imatrix) / "imatrix.gguf" if imatrix is not None else None
+        quantize_gguf(source, out, base, config.nthread, pure=config.pure, imatrix=matrix)
+        method = "llama.cpp --imatrix" if matrix else "llama.cpp"
     seconds = time.time() - t0
     info = gguf_info(out)
     # no timings in the file: the same input must give the same bytes (the artifact digest)
-    record = {"qtype": q, "file": out.name, "method": method, "source": source.name, **info}
+    record = {"qtype": q, "file": out.name, "method": method, "source": source.name,
+              **({"imatrix": True} if with_imatrix else {}), **info}
     (out_dir / "quant_info.json").write_text(json.dumps(record, indent=2) + "\n")
     metrics = {"qtype": q, "file_size": info["file_size"], "n_params": info["n_params"],
                "bpw": info["bpw"], "tensor_bpw": info["tensor_bpw"], "n_vocab": info["n_vocab"],

@@ -311,3 +311,17 @@ def test_a_given_tokenizer_is_checked_against_the_source_before_any_stage(shared
                      "source.revision=main", f"pretrain.data=[{zh}]", f"sft.data=[{zh}]",
                      f"vocab.tokenizer={llama}"])   # 32000 + <pad>: not a multiple of 256
     assert "vocab.pad_to_multiple_of = 256" in out and "32001 tokens, not a multiple" in out
+
+
+def test_imatrix_calibration_is_checked_at_flow_start():
+    """Only when a type uses the matrix; no text, an eval set's own text, and a text that cannot
+    hold llama-imatrix's 2 chunks are each refused with imatrix.data named."""
+    assert "imatrix" not in check(DEMO)[1]
+    types = "quantize.types=[f16,q4_k_m@imatrix]"
+    assert "imatrix" in check([*DEMO, types])[1]
+    out = _problems([*DEMO, types, "imatrix.data=[]"])
+    assert "imatrix.data" in out and "no calibration text" in out
+    zh = REPO / "pipelines" / "demo_data" / "eval_zh.txt"
+    out = _problems([*DEMO, "quantize.types=[f16,iq4_xs]", f"imatrix.data=[{zh}]",
+                     f"evaluate.eval_sets.zh.path={zh}", "imatrix.n_ctx=512"])
+    assert "is eval set `zh`'s text" in out and "llama-imatrix needs 1024" in out

@@ -1,0 +1,156 @@
+"""llama.cpp inference speed of a GGUF, per thread count, measured the way `llama-bench` measures
+it (tools/llama-bench/llama-bench.cpp), in this process through llama-cpp-python:
+
+  * pp<N> (prompt processing): the context's memory cleared, N tokens decoded in batches of
+    n_batch (BOS first, then random ids), then synchronised; tokens/s = N / seconds;
+  * tg<N> (text generation): the memory cleared, N single-token decodes from BOS, each
+    synchronised; tokens/s = N / seconds;
+  * one warm-up run before each test (the whole prompt; one generated token), then
+    `repetitions` timed runs: the mean and the sample standard deviation of their tokens/s,
+    as llama-bench prints "avg ± stdev".
+
+The thread count is set on one loaded context before each test (llama_set_n_threads), so a
+sweep over thread counts loads the model once. Token ids are random because speed does not
+depend on them; a fixed seed keeps runs alike.
+"""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+def default_threads(cores: int | None = None) -> list[int]:
+    """1, 2, 4, … below the core count, and the core count itself: what users sweep."""
+    cores = cores or os.cpu_count() or 1
+    out, t = [], 1
+    while t < cores:
+        out.append(t)
+        t *= 2
+    return out + [cores]
+
+
+class _Bench:
+    """A GGUF loaded once with a context of n_prompt + n_gen tokens, as llama-bench sizes it."""
+
+    def __init__(self, gguf: Path, n_ctx: int, n_batch: int, n_ubatch: int, flash_attn: bool,
+                 extra_buffers: bool, seed: int):
+        import llama_cpp
+        from llama_cpp import Llama
+
+        from steps.llamacpp_log import route_llama_cpp_log
+
+        route_llama_cpp_log()
+        # llama.cpp uses at most n_ctx of a batch (llama-bench's 2048 against a 640-token
+        # context); llama-cpp-python's own buffers must not be sized larger, or decode crashes
+        n_batch = min(n_batch, n_ctx)
+        n_ubatch = min(n_ubatch, n_batch)
+        self.L = llama_cpp
+        from steps.evaluate import _model_params
+
+        # the evaluate stage's weights layout (no extra buffer types), so speed is measured on
+        # the model the numbers came from; a GGML_NATIVE build dies on repacked Q8_0/Q4_0 here
+        with _model_params(use_extra_bufts=extra_buffers):
+            self.llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=n_batch,
+                             n_ubatch=n_ubatch, flash_attn=flash_attn, logits_all=False,
+                             verbose=False)
+        self.ctx = self.llm.ctx
+        from llama_cpp._internals import LlamaBatch
+
+        self.batch = LlamaBatch(n_tokens=n_batch, embd=0, n_seq_max=1)
+        vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+        self.bos = llama_cpp.llama_vocab_bos(vocab) if llama_cpp.llama_vocab_get_add_bos(vocab) \
+            else None
+        self.n_batch = n_batch
+        self.rng = np.random.default_rng(seed)
+
+    def _first(self) -> int:
+        return self.bos if self.bos is not None else int(self.rng.integers(self.n_vocab))
+
+    def _decode(self, tokens: list[int], pos: int) -> None:
+        # positions given explicitly, as llama-bench's batches; logits for the last token only
+        self.batch.set_batch(tokens, n_past=pos, logits_all=False)
+        self.llm._ctx.decode(self.batch)
+
+    def clear(self) -> None:
+        self.L.llama_memory_clear(self.L.llama_get_memory(self.ctx), False)
+
+    def prompt(self, n: int) -> None:
+        done = 0
+        while done < n:
+            k = min(n - done, self.n_batch)
+            tokens = self.rng.integers(self.n_vocab, size=k).tolist()
+            if done == 0:
+                tokens[0] = self._first()
+            self._decode(tokens, done)
+            done += k
+        self.L.llama_synchronize(self.ctx)
+
+    def generate(self, n: int) -> None:
+        token = self._first()
+        for i in range(n):
+            self._decode([token], i)
+            self.L.llama_synchronize(self.ctx)
+            token = int(self.rng.integers(self.n_vocab))
+
+    def positions(self) -> int:
+        """Tokens the context's sequence 0 holds (checks that a test decoded what it says)."""
+        return self.L.llama_memory_seq_pos_max(self.L.llama_get_memory(self.ctx), 0) + 1
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def _timed(bench: _Bench, run, n: int, repetitions: int) -> list[float]:
+    speeds = []
+    for _ in range(repetitions):
+        bench.clear()
+        t0 = time.perf_counter_ns()
+        run(n)
+        speeds.append(1e9 * n / (time.perf_counter_ns() - t0))
+    return speeds
+
+
+def measure(gguf: Path, threads: Sequence[int] | None = None, *, n_prompt: int = 512,
+            n_gen: int = 128, repetitions: int = 5, n_batch: int = 2048, n_ubatch: int = 512,
+            flash_attn: bool = False, extra_buffers: bool = False, seed: int = 0) -> list[dict]:
+    """pp<n_prompt> and tg<n_gen> tokens/s of `gguf` at each thread count: one row per (test,
+    threads) with avg_ts, stdev_ts and the samples (llama-bench's fields). n_prompt or n_gen 0
+    leaves that test out."""
+    if repetitions < 1:
+        raise ValueError(f"repetitions={repetitions}: at least 1")
+    threads = list(threads or default_threads())
+    if any(t < 1 for t in threads):
+        raise ValueError(f"threads={threads}: each at least 1")
+    bench = _Bench(Path(gguf), max(n_prompt + n_gen, 1), n_batch, n_ubatch, flash_attn,
+                   extra_buffers, seed)
+    rows = []
+    try:
+        for t in threads:
+            bench.L.llama_set_n_threads(bench.ctx, t, t)
+            for name, run, n in (("pp", bench.prompt, n_prompt), ("tg", bench.generate, n_gen)):
+                if n <= 0:
+                    continue
+                bench.clear()
+                run(n if name == "pp" else 1)  # llama-bench's warm-up
+                samples = _timed(bench, run, n, repetitions)
+                if bench.positions() != n:
+                    raise RuntimeError(f"{name}{n}: the context holds {bench.positions()} tokens")
+                rows.append({"test": f"{name}{n}", "threads": t, "n_tokens": n,
+                             "avg_ts": statistics.fmean(samples),
+                             "stdev_ts": statistics.stdev(samples) if len(samples) > 1 else 0.0,
+                             "samples_ts": samples})
+    finally:
+        bench.close()
+    return rows
+
+
+def best(rows: list[dict], test_prefix: str) -> dict | None:
+    """The fastest row of a test kind ("pp" or "tg"): the thread count a user would pick."""
+    kind = [r for r in rows if r["test"].startswith(test_prefix)]
+    return max(kind, key=lambda r: r["avg_ts"]) if kind else None

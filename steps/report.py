@@ -7,6 +7,10 @@ Inputs are the evaluate stage's out_dirs (results.json each), the training stage
     ppl_per_stage.png         perplexity and bits/byte per model, one line per eval set
     loss_curves.png           training (and eval) loss per step of each training run
     quant_size_vs_ppl.png     GGUF file size vs perplexity per quant type
+    quantization.jsonl        per GGUF and set: type, imatrix, size, bpw, PPL, ΔPPL, KLD,
+                              same top p, RMS Δp, pp/tg tokens/s (steps/quant_table.py)
+    kld_vs_size.png           mean KLD against size per set, the Pareto front joined
+    tg_vs_threads.png         generation tokens/s against threads per type
     gates.json                each configured gate with its measured value and pass/fail
     report.md                 the table, the vocabulary (tokens per character before and after
                               the vocab stage), the gates and the plots, for a Prefect markdown
@@ -34,11 +38,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from steps import MetricsCallback, Stage
+from steps import MetricsCallback, Stage, quant_table
 
 VERSION = "4"
 # one report of every evaluation: selected, forced and tagged with evaluate
-STAGE = Stage(part_of="evaluate")
+STAGE = Stage(part_of="evaluate", tables={quant_table.QUANT_TABLE: ()})
 
 
 class GateFailed(RuntimeError):
@@ -47,12 +51,17 @@ class GateFailed(RuntimeError):
 
 class Gate(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    vs: str = Field(description="the model it is compared with: a label (e.g. gguf-f16) or a "
-                                "quant type (f16)")
+    vs: str | None = Field(None, description=(
+        "the model the Δ limits compare with: a label (e.g. gguf-f16) or a quant type (f16); "
+        "null with KLD limits only (those are against the evaluation's KLD reference)"))
     max_delta_ppl_pct: float | None = Field(None, description=(
         "per-token perplexity may exceed the other model's by at most this % (same tokenizer "
         "only)"))
     max_delta_bpb_pct: float | None = Field(None, description="the same for bits per byte")
+    max_mean_kld: float | None = Field(None, description=(
+        "mean KL divergence from the KLD reference (evaluate.kld_reference) at most this"))
+    min_same_top_p: float | None = Field(None, description=(
+        "the likeliest token agrees with the KLD reference's at least this often (0-1)"))
     sets: list[str] | None = Field(None, description="eval sets to check; null = every set both "
                                                      "have")
 
@@ -94,6 +103,13 @@ def gguf_size(path: Path) -> dict:
     return {"file_size": size, "n_params": n_params, "bpw": size * 8 / n_params}
 
 
+def _quant_facts(quantize_dir: Path) -> dict:
+    """gguf_size of a quantize artifact, and whether its type used the importance matrix."""
+    info = Path(quantize_dir) / "quant_info.json"
+    imatrix = info.is_file() and json.loads(info.read_text()).get("imatrix", False)
+    return gguf_size(quantize_dir) | {"imatrix": bool(imatrix)}
+
+
 def read_training_log(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()
             if line.strip()]
@@ -127,7 +143,8 @@ def compare_rows(r: dict, ref: dict) -> tuple[str, str | None]:
 def build_report(evaluations: dict[str, Path], training_logs: dict[str, Path] | None = None,
                  quant_info: dict[str, dict] | None = None, out_dir: Path = Path("."), *,
                  gates: dict[str, Gate | dict] | None = None, reference: str | None = "gguf-f16",
-                 on_fail: str = "tag", vocab_report: dict | None = None) -> dict:
+                 on_fail: str = "tag", vocab_report: dict | None = None,
+                 speeds: dict[str, list[dict]] | None = None) -> dict:
     """Write table/plots/gates for `evaluations` (label -> evaluate out_dir) into out_dir and
     return {"rows", "gates", "passed"}; raise GateFailed afterwards if a gate failed and
     on_fail == "fail"."""
@@ -159,15 +176,20 @@ def build_report(evaluations: dict[str, Path], training_logs: dict[str, Path] | 
     plots = _plots(rows, labels, training_logs, out_dir, ref=ref,
                    limits=sorted({(c["model"], c["max_delta_pct"]) for c in checks
                                   if c.get("metric") == "ppl" and c["vs"] == ref}))
+    qrows = quant_table.quantization_rows(rows, results, quant_info, speeds or {})
+    if qrows:
+        (out_dir / quant_table.QUANT_TABLE).write_text(
+            "".join(json.dumps(r) + "\n" for r in qrows), encoding="utf-8")
+        plots += quant_table.plots(qrows, speeds or {}, out_dir)
     report_md = _report_markdown(table_md, ref, mismatches, checks, skipped, plots,
-                                 vocabulary_markdown(vocab_report))
+                                 vocabulary_markdown(vocab_report) + quant_table.markdown(qrows))
     (out_dir / "report.md").write_text(report_md, encoding="utf-8")
 
     if passed is False and on_fail == "fail":
         raise GateFailed("quality gate(s) failed: " + "; ".join(_failures(checks))
                          + f" (report in {out_dir})")
     return {"rows": rows, "gates": gates_out, "passed": passed, "plots": plots,
-            "token_mismatches": len(mismatches)}
+            "token_mismatches": len(mismatches), "quantization": qrows}
 
 
 def _read_evaluations(evaluations: dict[str, Path]) -> dict[str, dict]:
@@ -187,7 +209,8 @@ def _drop_unevaluated_gates(gates: dict[str, Gate], labels) -> tuple[dict[str, G
     run did not evaluate (e.g. that quant type was not made) is listed as skipped in gates.json and
     report.md, never counted as passed."""
     skipped = [{"gate": k, "reason": f"no evaluated model `{n}` (models: {labels})"}
-               for k, g in gates.items() for n in (k, g.vs) if _label(n, labels) is None]
+               for k, g in gates.items() for n in (k, g.vs)
+               if n is not None and _label(n, labels) is None]
     gates = {k: g for k, g in gates.items() if k not in {s["gate"] for s in skipped}}
     return gates, skipped
 
@@ -232,9 +255,12 @@ def _compare_with_reference(rows: list[dict], ref: str | None) -> None:
 def _check_gate(key: str, g: Gate, results: dict[str, dict], rows: list[dict],
                 labels) -> list[dict]:
     """The checks of gate `key` (its model vs g.vs), one per eval set and limited metric."""
+    label = _label(key, labels)
+    checks = _kld_checks(key, g, label, results[label]["sets"])
+    if g.vs is None:
+        return checks
     by = _by_model_set(rows)
-    label, vs = _label(key, labels), _label(g.vs, labels)
-    checks = []
+    vs = _label(g.vs, labels)
     for s in g.sets or [s for s in results[label]["sets"] if s in results[vs]["sets"]]:
         a, b = by.get((label, s)), by.get((vs, s))
         if a is None or b is None:
@@ -253,6 +279,25 @@ def _check_gate(key: str, g: Gate, results: dict[str, dict], rows: list[dict],
             checks.append({"gate": key, "model": label, "vs": vs, "set": s, "metric": metric,
                            "value": a[metric], "reference": b[metric], "delta_pct": delta,
                            "max_delta_pct": limit, "passed": delta is not None and delta <= limit})
+    return checks
+
+
+def _kld_checks(key: str, g: Gate, label: str, sets: dict) -> list[dict]:
+    """Gate `key`'s KLD and same-top-p limits, one check per eval set and limit."""
+    checks = []
+    for s in g.sets or list(sets):
+        kld = (sets.get(s) or {}).get("kld")
+        for metric, limit, ok in (("kld_mean", g.max_mean_kld, lambda v, lim: v <= lim),
+                                  ("same_top_p", g.min_same_top_p, lambda v, lim: v >= lim)):
+            if limit is None:
+                continue
+            base = {"gate": key, "model": label, "vs": kld["reference"] if kld else None,
+                    "set": s, "metric": metric, "limit": limit}
+            if kld is None:
+                checks.append(base | {"passed": False, "reason": "no KL divergence measured "
+                                      "for this set (set evaluate.kld_reference)"})
+            else:
+                checks.append(base | {"value": kld[metric], "passed": ok(kld[metric], limit)})
     return checks
 
 
@@ -293,8 +338,10 @@ def _report_markdown(table_md: str, ref: str | None, mismatches: list[dict], che
         md += [f"- {r['model']} / {r['set']}: {r['vs_ref_reason']}" for r in mismatches] + [""]
     if checks:
         md += ["## Gates", "", "| gate | set | metric | Δ % | max Δ % | result |", "|---|---|---|---|---|---|"]
+        # KLD and same-top-p checks hold a value and a limit, not a Δ: they go in those columns
         md += [f"| {c['gate']} vs {c['vs']} | {c['set']} | {c.get('metric', '-')} | "
-               f"{_fmt(c.get('delta_pct'), 2)} | {_fmt(c.get('max_delta_pct'), 2)} | "
+               f"{_fmt(c.get('delta_pct', c.get('value')), 2 if 'limit' not in c else 6)} | "
+               f"{_fmt(c.get('max_delta_pct', c.get('limit')), 2 if 'limit' not in c else 6)} | "
                f"{'pass' if c['passed'] else 'FAIL'}{': ' + c['reason'] if 'reason' in c else ''} |"
                for c in checks]
         md.append("")
@@ -306,6 +353,8 @@ def _report_markdown(table_md: str, ref: str | None, mismatches: list[dict], che
 def _failures(checks: list[dict]) -> list[str]:
     """One line per failed check, for GateFailed's message."""
     return [f"{c['gate']}/{c['set']}: {c['reason']}" if "reason" in c else
+            f"{c['gate']}/{c['set']}/{c['metric']}: {c['value']:.6g} against the limit "
+            f"{c['limit']}" if "limit" in c else
             f"{c['gate']}/{c['set']}/{c.get('metric')}: Δ {_fmt(c.get('delta_pct'), 2)}% > "
             f"{c.get('max_delta_pct')}%" for c in checks if not c["passed"]]
 
@@ -448,17 +497,23 @@ def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = N
         if not f.is_file():
             raise FileNotFoundError(f"training run `{label}`: {f} not found")
         logs[label] = f
-    quant_info = {f"gguf-{q}" if not q.startswith("gguf-") else q: gguf_size(Path(d))
+    quant_info = {f"gguf-{q}" if not q.startswith("gguf-") else q: _quant_facts(Path(d))
                   for q, d in (quantized or {}).items() if d is not None}
+    speeds = {label: rows for label, d in evaluations.items()
+              if (rows := quant_table.read_speed(d))}
     rep = build_report(evaluations, logs, quant_info, out_dir, gates=config.gates,
                        reference=config.reference, on_fail=config.on_fail,
-                       vocab_report=vocab_report)
+                       vocab_report=vocab_report, speeds=speeds)
     metrics = {f"{r['model']}.{r['set']}.{k}": r[k] for r in rep["rows"]
                for k in ("ppl", "bits_per_byte", "delta_ppl_pct") if r[k] is not None}
     for name, st in ((k[len("eval_"):], v) for k, v in (vocab_report or {}).items()
                      if k.startswith("eval_") and isinstance(v, dict)):
         metrics[f"vocab.tokens_per_char_{name}_base"] = st["base_tokens"] / max(st["chars"], 1)
         metrics[f"vocab.tokens_per_char_{name}_after"] = st["merged_tokens"] / max(st["chars"], 1)
+    for r in rep["quantization"]:
+        for k in ("kld_mean", "kld_p99", "same_top_p", "rms_dp", "pp_ts", "tg_ts"):
+            if r[k] is not None:
+                metrics[f"{r['model']}.{r['set']}.{k}"] = r[k]
     metrics["token_mismatches"] = rep["token_mismatches"]
     metrics["gates_checked"] = len(rep["gates"]["checks"])
     metrics["gates_failed"] = sum(not c["passed"] for c in rep["gates"]["checks"])

@@ -249,3 +249,50 @@ def test_report_shows_tokens_per_character_of_the_vocab_stage(evaluated, tiny_hf
         else:
             assert f"320 → {vm['merged_vocab']:,} tokens" in md
             assert vm["tokens_per_char_zh_merged"] < 0.5 * vm["tokens_per_char_zh_base"]
+
+
+def test_quantization_table_kld_speed_pareto_and_gates(evaluated, tmp_path):
+    """The quantization section from the evaluations' own KLD statistics and speed rows (here
+    written into copies of real evaluations), with KLD and same-top-p gates."""
+    import shutil
+
+    from steps import quant_table
+
+    evals = {}
+    kld = {"gguf-f32": None, "gguf-f16": (0.0004, 0.99), "gguf-q4_0": (0.05, 0.85)}
+    for label, d in evaluated["evaluations"].items():
+        evals[label] = tmp_path / label
+        shutil.copytree(d, evals[label])
+        res = json.loads((evals[label] / "results.json").read_text())
+        if label.startswith("gguf-") and kld[label]:
+            for st in res["sets"].values():
+                st["kld"] = {"reference": "model-f32.gguf", "kld_mean": kld[label][0],
+                             "kld_err": 1e-5, "kld_p99": 10 * kld[label][0],
+                             "same_top_p": kld[label][1], "same_top_p_err": 0.01, "rms_dp": 0.02}
+            speed = [{"test": t, "threads": n, "avg_ts": v, "stdev_ts": 1.0, "samples_ts": [v]}
+                     for t, n, v in (("pp64", 1, 900.0), ("pp64", 2, 1500.0), ("tg16", 1, 300.0),
+                                     ("tg16", 2, 280.0))]
+            (evals[label] / "speed.json").write_text(json.dumps({"rows": speed}))
+        (evals[label] / "results.json").write_text(json.dumps(res))
+    out = tmp_path / "report"
+    out.mkdir()
+    gates = {"q4_0": {"max_mean_kld": 0.01, "min_same_top_p": 0.8},
+             "f16": {"max_mean_kld": 0.001}, "f32": {"max_mean_kld": 0.001}}
+    metrics = rp.run(rp.Config(gates=gates), out, evaluations=evals,
+                     quantized=evaluated["quantized"])
+    rows = [json.loads(l) for l in (out / quant_table.QUANT_TABLE).read_text().splitlines()]
+    assert {(r["type"], r["set"]) for r in rows} == {(q, s) for q in QTYPES for s in ("en", "zh")}
+    q4 = next(r for r in rows if r["type"] == "q4_0" and r["set"] == "en")
+    assert (q4["kld_mean"], q4["same_top_p"], q4["imatrix"]) == (0.05, 0.85, False)
+    assert (q4["pp_ts"], q4["pp_threads"], q4["tg_ts"], q4["tg_threads"]) == (1500.0, 2, 300.0, 1)
+    assert quant_table.pareto_front([r for r in rows if r["set"] == "en"]) == {"gguf-f16", "gguf-q4_0"}
+    md = (out / "report.md").read_text()
+    assert "## Quantization" in md and "| q4_0 ★ | no | en |" in md and "1,500 (2)" in md
+    assert "![kld_vs_size.png](kld_vs_size.png)" in md and (out / "tg_vs_threads.png").is_file()
+    assert metrics["gguf-q4_0.en.kld_mean"] == 0.05 and metrics["gguf-f16.zh.tg_ts"] == 300.0
+    checks = json.loads((out / "gates.json").read_text())["checks"]
+    by = {(c["gate"], c["set"], c["metric"]): c for c in checks}
+    assert not by[("q4_0", "en", "kld_mean")]["passed"] and by[("q4_0", "en", "same_top_p")]["passed"]
+    assert by[("f16", "zh", "kld_mean")]["passed"]
+    assert "no KL divergence measured" in by[("f32", "en", "kld_mean")]["reason"]
+    assert metrics["gates_passed"] == 0

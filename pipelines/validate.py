@@ -592,10 +592,28 @@ def _imatrix_used(cfg: dict) -> bool:
         return False
 
 
+def _llama_cpp_tools_problems(cfg: dict, problems: list[Problem]) -> None:
+    """The importance matrix is made and used by llama.cpp's own tools: built already, given
+    by LLAMAFLOW_LLAMA_CPP_BIN, or buildable here (cmake and a compiler)."""
+    from steps import llamacpp_tools as tools
+
+    if os.environ.get(tools.ENV_BIN) or all((tools.build_dir() / "bin" / t).is_file()
+                                            for t in tools.TOOLS):
+        return
+    try:
+        tools.check_prerequisites()
+    except RuntimeError as e:
+        problems.append(Problem("quantize.types", (cfg.get("quantize") or {}).get("types"),
+                                f"the @imatrix and IQ types need llama.cpp's tools; {e}; or "
+                                "leave those types out"))
+
+
 def _imatrix_problems(cfg: dict, config, problems: list[Problem]) -> None:
     """Calibration text: given, readable, not an eval set's file, and long enough for the two
-    chunks llama-imatrix needs where that can be proven short before the run."""
+    chunks llama-imatrix needs where that can be proven short before the run; and the tools."""
     from steps.vocab import iter_corpus
+
+    _llama_cpp_tools_problems(cfg, problems)
 
     if not config.data:
         problems.append(Problem("imatrix.data", [], "no calibration text for the importance "

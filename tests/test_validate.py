@@ -163,7 +163,7 @@ def test_config_check_says_ok_or_lists_the_problems(capsys):
     from pipelines.cli import main
 
     assert main(["config", "--check", *DEMO]) == 0
-    assert capsys.readouterr().out.startswith("config OK: 12 stages checked (download, convert,")
+    assert capsys.readouterr().out.startswith("config OK: 14 stages checked (download, convert,")
     assert main(["config", "--check", *DEMO, "sft.max_seq_length=4", "convert.dtype=fp16"]) == 2
     err = capsys.readouterr().err
     assert "sft.max_seq_length = 4: must be >= 8" in err
@@ -316,7 +316,7 @@ def test_a_given_tokenizer_is_checked_against_the_source_before_any_stage(shared
 def test_imatrix_calibration_is_checked_at_flow_start():
     """Only when a type uses the matrix; no text, an eval set's own text, and a text that cannot
     hold llama-imatrix's 2 chunks are each refused with imatrix.data named."""
-    assert "imatrix" not in check(DEMO)[1]
+    assert "imatrix" not in check([*DEMO, "quantize.types=[f16,q4_0]"])[1]
     types = "quantize.types=[f16,q4_k_m@imatrix]"
     assert "imatrix" in check([*DEMO, types])[1]
     out = _problems([*DEMO, types, "imatrix.data=[]"])

@@ -51,8 +51,10 @@ def lifecycle_steps(run: LifecycleRun) -> None:
         name: run.stage("evaluate", label=f"evaluate[{name}]", model=model, adapters=adapters)
         for name, (model, adapters) in candidates.items()
         if name in wanted or (name.startswith("gguf-") and "gguf" in wanted)}
+    speeds = {f"gguf-{q}": run.stage("speed", label=f"speed[{q}]", gguf=g)
+              for q, g in ggufs.items()} if run.cfg["speed"]["enabled"] else {}
     run.stage("report", evaluations=evaluations, training={"pretrain": pt, "sft": sft},
-              quantized=ggufs, vocab=zh)
+              quantized=ggufs, vocab=zh, speeds=speeds)
 
 
 @flow(name="lifecycle")

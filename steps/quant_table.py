@@ -9,8 +9,8 @@ set while its distributions drift); KLD and same-top-p do not. The Pareto front 
 against file size marks the types no other type beats on both.
 
 Inputs, all from the stages' own files: the evaluations' results.json (sets[name]["kld"], made
-with a reference model) and speed.json (steps/speed.py rows), and the quantize artifacts'
-quant_info.json (size, bpw, whether an importance matrix was used).
+with a reference model), the speed stage's speed.json (steps/speed.py), and the quantize
+artifacts' quant_info.json (size, bpw, whether an importance matrix was used).
 """
 from __future__ import annotations
 
@@ -27,8 +27,9 @@ def qtype_of(label: str) -> tuple[str, bool | None]:
     return q.removesuffix("@imatrix"), True if q.endswith("@imatrix") else None
 
 
-def read_speed(evaluation_dir: Path) -> list[dict]:
-    f = Path(evaluation_dir) / "speed.json"
+def read_speed(speed_dir: Path) -> list[dict]:
+    """The rows of a speed stage's speed.json (none when it has none)."""
+    f = Path(speed_dir) / "speed.json"
     return json.loads(f.read_text())["rows"] if f.is_file() else []
 
 

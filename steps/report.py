@@ -480,11 +480,13 @@ def _plot_size_vs_ppl(plt, rows, sets, out_dir: Path, *, ref: str | None,
 
 def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = None,
         evaluations: dict[str, Path], training: dict[str, Path] | None = None,
-        quantized: dict[str, Path] | None = None, vocab: Path | None = None) -> dict:
+        quantized: dict[str, Path] | None = None, vocab: Path | None = None,
+        speeds: dict[str, Path] | None = None) -> dict:
     """evaluations: model label -> evaluate out_dir; training: run label -> training stage
     out_dir (its trainer_log.jsonl is plotted); quantized: qtype -> quantize out_dir (its .gguf
     size and bits per weight go into the rows of the evaluation labelled gguf-<qtype>); vocab:
-    the vocab stage's out_dir (its vocab_report.json: sizes and tokens per character)."""
+    the vocab stage's out_dir (its vocab_report.json: sizes and tokens per character); speeds:
+    model label -> speed stage out_dir (its speed.json: pp/tg tokens/s per thread count)."""
     vocab_report = None
     if vocab is not None and (Path(vocab) / "vocab_report.json").is_file():
         vocab_report = json.loads((Path(vocab) / "vocab_report.json").read_text(encoding="utf-8"))
@@ -499,8 +501,8 @@ def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = N
         logs[label] = f
     quant_info = {f"gguf-{q}" if not q.startswith("gguf-") else q: _quant_facts(Path(d))
                   for q, d in (quantized or {}).items() if d is not None}
-    speeds = {label: rows for label, d in evaluations.items()
-              if (rows := quant_table.read_speed(d))}
+    speeds = {label: rows for label, d in (speeds or {}).items()
+              if d is not None and (rows := quant_table.read_speed(Path(d)))}
     rep = build_report(evaluations, logs, quant_info, out_dir, gates=config.gates,
                        reference=config.reference, on_fail=config.on_fail,
                        vocab_report=vocab_report, speeds=speeds)

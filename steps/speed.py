@@ -12,6 +12,11 @@ it (tools/llama-bench/llama-bench.cpp), in this process through llama-cpp-python
 The thread count is set on one loaded context before each test (llama_set_n_threads), so a
 sweep over thread counts loads the model once. Token ids are random because speed does not
 depend on them; a fixed seed keeps runs alike.
+
+As a stage (one run per GGUF, a part of evaluate): out_dir/speed.json holds the rows and the
+machine they were measured on. Speed belongs to the machine, not to the file: the numbers are
+kept out of the artifact's digest, and a cache hit shows the machine that measured them (force
+the stage, `force=[evaluate]`, to measure again here).
 """
 from __future__ import annotations
 
@@ -22,6 +27,42 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from steps import Stage
+
+VERSION = "1"
+
+
+class FlowKeys(BaseModel):
+    """The speed key the flow reads."""
+    enabled: bool = Field(True, description=(
+        "measure every GGUF the run made (false: the report's speed columns stay empty)"))
+
+
+# measured for the report, with the evaluations: `stages`, `force` and `--from` say evaluate
+STAGE = Stage(part_of="evaluate", flow=FlowKeys)
+DATA_FIELDS = ()
+SPEED_FILE = "speed.json"
+DIGEST_EXCLUDE = (SPEED_FILE,)   # other numbers on every run: the digest counts the name only
+
+
+class Config(BaseModel):
+    """speed stage: llama-bench's prompt-processing and generation tokens/s of one GGUF, per
+    thread count, in this process."""
+    model_config = ConfigDict(extra="forbid")
+    threads: list[int] | None = Field(None, description=(
+        "thread counts to measure; null = 1, 2, 4, … below the cores, and the core count"))
+    n_prompt: int = Field(512, ge=0, description="pp test: prompt tokens (llama-bench -p; 0: "
+                                                 "no pp test)")
+    n_gen: int = Field(128, ge=0, description="tg test: generated tokens (llama-bench -n; 0: "
+                                              "no tg test)")
+    repetitions: int = Field(3, ge=1, description="timed runs per test after a warm-up "
+                                                  "(llama-bench -r; its default is 5)")
+    flash_attn: bool = Field(False, description="llama.cpp flash attention, as the evaluate "
+                                                "stage's flash_attn")
+    extra_buffers: bool = Field(False, description="llama.cpp's extra CPU buffer types, as the "
+                                                   "evaluate stage's extra_buffers")
 
 
 def default_threads(cores: int | None = None) -> list[int]:
@@ -154,3 +195,41 @@ def best(rows: list[dict], test_prefix: str) -> dict | None:
     """The fastest row of a test kind ("pp" or "tg"): the thread count a user would pick."""
     kind = [r for r in rows if r["test"].startswith(test_prefix)]
     return max(kind, key=lambda r: r["avg_ts"]) if kind else None
+
+
+def _machine() -> dict:
+    """The CPU the numbers belong to (/proc/cpuinfo's model name where there is one)."""
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"host": platform.node(), "cpu": name, "cores": os.cpu_count()}
+
+
+def run(config: Config, out_dir: Path, *, on_metrics=None, gguf: Path) -> dict:
+    """out_dir/speed.json: the pp/tg rows of the GGUF in `gguf` (artifact dir or file)."""
+    import json
+
+    from steps.quantize import find_gguf
+
+    model = find_gguf(Path(gguf))
+    t0 = time.time()
+    rows = measure(model, config.threads, n_prompt=config.n_prompt, n_gen=config.n_gen,
+                   repetitions=config.repetitions, flash_attn=config.flash_attn,
+                   extra_buffers=config.extra_buffers)
+    (Path(out_dir) / SPEED_FILE).write_text(json.dumps(
+        {"model": model.name, "machine": _machine(), "rows": rows}, indent=1) + "\n")
+    metrics = {f"{r['test']}_t{r['threads']}_ts": r["avg_ts"] for r in rows}
+    for kind in ("pp", "tg"):
+        top = best(rows, kind)
+        if top is not None:
+            metrics[f"{kind}_best_ts"], metrics[f"{kind}_best_threads"] = top["avg_ts"], top["threads"]
+    if on_metrics:
+        on_metrics(dict(metrics), 0)
+    return metrics | {"seconds": time.time() - t0}

@@ -133,14 +133,14 @@ def test_a_toy_stage_is_checked_run_and_cached(toy_stage, tmp_path, prefect_harn
 
 
 STAGE_MODULES = ["download", "convert", "vocab", "pretrain", "sft", "merge", "quantize",
-                 "imatrix", "evaluate", "report"]
+                 "imatrix", "evaluate", "speed", "report"]
 
 
 def test_the_stages_are_the_declaring_groups_of_the_defaults_list():
     from pipelines.stages import stage_order, task_names
 
     assert task_names() == STAGE_MODULES
-    assert stage_order() == [s for s in STAGE_MODULES if s not in ("imatrix", "report")]
+    assert stage_order() == [s for s in STAGE_MODULES if s not in ("imatrix", "speed", "report")]
 
 
 @pytest.mark.parametrize("name", STAGE_MODULES)

@@ -279,7 +279,8 @@ def test_quantization_table_kld_speed_pareto_and_gates(evaluated, tmp_path):
     gates = {"q4_0": {"max_mean_kld": 0.01, "min_same_top_p": 0.8},
              "f16": {"max_mean_kld": 0.001}, "f32": {"max_mean_kld": 0.001}}
     metrics = rp.run(rp.Config(gates=gates), out, evaluations=evals,
-                     quantized=evaluated["quantized"])
+                     quantized=evaluated["quantized"],
+                     speeds={k: v for k, v in evals.items() if (v / "speed.json").is_file()})
     rows = [json.loads(l) for l in (out / quant_table.QUANT_TABLE).read_text().splitlines()]
     assert {(r["type"], r["set"]) for r in rows} == {(q, s) for q in QTYPES for s in ("en", "zh")}
     q4 = next(r for r in rows if r["type"] == "q4_0" and r["set"] == "en")

@@ -44,3 +44,15 @@ def test_bad_settings_are_refused_before_loading(tmp_path):
         speed.measure(tmp_path / "none.gguf", [1], repetitions=0)
     with pytest.raises(ValueError, match=r"threads=\[0\]"):
         speed.measure(tmp_path / "none.gguf", [0])
+
+
+def test_the_stage_writes_the_rows_and_the_machine(tiny_gguf, tmp_path):
+    import json
+
+    cfg = speed.Config(threads=[1], n_prompt=32, n_gen=4, repetitions=2)
+    metrics = speed.run(cfg, tmp_path, gguf=tiny_gguf)
+    data = json.loads((tmp_path / speed.SPEED_FILE).read_text())
+    assert data["model"] == tiny_gguf.name and data["machine"]["cores"] >= 1
+    assert [r["test"] for r in data["rows"]] == ["pp32", "tg4"]
+    assert metrics["tg_best_threads"] == 1 and metrics["pp32_t1_ts"] == data["rows"][0]["avg_ts"]
+    assert speed.DIGEST_EXCLUDE == (speed.SPEED_FILE,)   # machine numbers stay out of the digest

@@ -32,6 +32,17 @@ each result also normalises the same summed NLL by the text the scored tokens st
     with the token holding its first byte;
   * bits_per_byte = nll_sum / n_bytes / ln 2 (lm-evaluation-harness' definition, on our scored
     tokens), byte_ppl = exp(nll_sum / n_bytes), char_ppl = exp(nll_sum / n_chars).
+
+KL divergence
+-------------
+Given a `reference` model (run(reference=...), config.kld true, protocol "llama.cpp"), each set
+also gets sets[name]["kld"]: the statistics `llama-perplexity --kl-divergence` prints, of this
+model's token distributions against the reference's on the same chunks and scored positions
+(steps/kld.py, which streams them chunk by chunk). Both models are loaded at once, with the same
+runtime settings; a reference with another tokenizer is refused before any scoring. Their
+"ppl_base" is llama.cpp's, from the reference's 16-bit log-probs floored at max-16, so it can sit
+below the reference's own perplexity (stories260K, TinyStories sample, n_ctx 128: 6.339 vs 6.846,
+11 of 882 targets below the floor); compare models' perplexities through their own "ppl".
 """
 from __future__ import annotations
 
@@ -52,7 +63,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from steps import MetricsCallback, Stage
 from steps.sft import ALPACA_ZH_TEMPLATE, format_prompt  # the prompt SFT trains on
 
-VERSION = "3"
+VERSION = "4"  # 4: KL divergence against an optional reference model
 
 
 class FlowKeys(BaseModel):
@@ -60,6 +71,19 @@ class FlowKeys(BaseModel):
     models: list[str] = Field(["base", "base-zh", "base-zh+pt", "merged", "gguf"], description=(
         "Which models the lifecycle evaluates: base, base-zh, base-zh+pt (base-zh with the "
         "pre-training LoRA applied unmerged), merged, gguf (every quant type) or gguf-<type>"))
+    kld_reference: Literal["gguf-f16", "merged"] | None = Field("gguf-f16", description=(
+        "the reference every other GGUF's evaluation measures its KL divergence from (evaluate's "
+        "`reference` input; needs evaluate.kld true and protocol llama.cpp): gguf-f16, llama.cpp "
+        "users' practice, or merged, the HF merged model at evaluate.dtype (float32 by default); "
+        "null: no KLD"))
+
+
+def kld_reference(section: dict) -> str | None:
+    """The model label GGUF evaluations measure KLD against: evaluate.kld_reference, unless
+    KLD is off or the protocol is not llama.cpp's (validation refuses that pairing)."""
+    if not section.get("kld", True) or section.get("protocol", "llama.cpp") != "llama.cpp":
+        return None
+    return section.get("kld_reference")
 
 
 # generations.jsonl as a table for review, without the token ids of each answer
@@ -175,8 +199,11 @@ class HFModel:
                       else piece.replace("\u2581", " ").encode("utf-8"))
         return out
 
-    def window_nll(self, windows: list[tuple[list[int], int]], batch_size: int, progress) -> list[np.ndarray]:
-        """NLL (float64) of tokens ids[s+1:] given ids[:j+1] for each window (ids, s)."""
+    def window_nll(self, windows: list[tuple[list[int], int]], batch_size: int, progress,
+                   on_logits=None) -> list[np.ndarray]:
+        """NLL (float64) of tokens ids[s+1:] given ids[:j+1] for each window (ids, s).
+        on_logits(window, float32 logits of its scored positions), when given, sees each
+        window's logits as they are computed (steps/kld.py compares them with a reference's)."""
         import torch
 
         out: list[np.ndarray | None] = [None] * len(windows)
@@ -194,8 +221,28 @@ class HFModel:
                         lp = torch.log_softmax(logits[row, :-1].double(), dim=-1)
                         nll = -lp.gather(-1, x[row, s + 1:].unsqueeze(-1)).squeeze(-1)
                         out[k] = nll.cpu().numpy()
+                        if on_logits is not None:
+                            on_logits(windows[k], logits[row, :-1].float().cpu().numpy())
                     progress.update(len(ks))
         return out
+
+    def window_logits(self, windows: list[tuple[list[int], int]], batch_size: int):
+        """float32 logits at positions s … len-2 of each window (ids, s), in order, computed
+        batch_size windows at a time: what steps/kld.py compares."""
+        import torch
+
+        with torch.inference_mode():
+            for b in range(0, len(windows), batch_size):
+                group = windows[b:b + batch_size]
+                # windows of one length and start share a forward pass (the llama.cpp protocol's
+                # chunks all do); any others go one by one
+                same = all(len(w) == len(group[0][0]) and s == group[0][1] for w, s in group)
+                for part in [group] if same else [[w] for w in group]:
+                    n, s = len(part[0][0]), part[0][1]
+                    x = torch.tensor([w for w, _ in part], dtype=torch.long, device=self.device)
+                    logits = self.model(input_ids=x, logits_to_keep=n - s, use_cache=False).logits
+                    for row in range(len(part)):
+                        yield logits[row, :-1].float().cpu().numpy()
 
 
 @contextlib.contextmanager
@@ -273,7 +320,8 @@ class GGUFModel:
             out[i] = bytes(buf.raw[:max(n, 0)])
         return out
 
-    def window_nll(self, windows: list[tuple[list[int], int]], batch_size: int, progress) -> list[np.ndarray]:
+    def window_nll(self, windows: list[tuple[list[int], int]], batch_size: int, progress,
+                   on_logits=None) -> list[np.ndarray]:
         out = []
         for ids, s in windows:
             if len(ids) > self.n_ctx:
@@ -283,8 +331,21 @@ class GGUFModel:
             self.llm.eval(ids)
             logits = np.asarray(self.llm.scores[s:len(ids) - 1], dtype=np.float64)
             out.append(_nll_from_logits(logits, np.asarray(ids[s + 1:])))
+            if on_logits is not None:  # a float32 copy: the next eval overwrites the buffer
+                on_logits((ids, s), np.array(self.llm.scores[s:len(ids) - 1], dtype=np.float32))
             progress.update(1)
         return out
+
+    def window_logits(self, windows: list[tuple[list[int], int]], batch_size: int = 1):
+        """float32 logits at positions s … len-2 of each window (ids, s), one window at a time
+        (a copy: the next window's eval overwrites llama-cpp-python's buffer)."""
+        for ids, s in windows:
+            if len(ids) > self.n_ctx:
+                raise ValueError(f"window of {len(ids)} tokens > the context {self.n_ctx} this "
+                                 "GGUF model was opened with")
+            self.llm.reset()
+            self.llm.eval(ids)
+            yield np.array(self.llm.scores[s:len(ids) - 1], dtype=np.float32)
 
 
 def _nll_from_logits(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -407,13 +468,13 @@ def perplexity(model, text_path: Path | None = None, *, n_ctx: int = 512,
                max_tokens: int | None = None, token_ids: Sequence[int] | None = None,
                adapters: Sequence[Path] = (), batch_size: int = 8, n_threads: int | None = None,
                device: str | None = None, text: str | None = None, kind: str = "text",
-               progress: bool = True) -> dict:
+               progress: bool = True, on_logits=None) -> dict:
     """Perplexity of `model` (HF dir, .gguf, dir with one .gguf, or a model from `load`) on the
     text at `text_path` (or `text`, or pre-made `token_ids`: identical ids for an HF vs GGUF
     comparison) under `protocol`; see the module docstring for the definitions.
 
     max_tokens caps the tokens fed to the model (llama.cpp: whole chunks, floor(max_tokens/n_ctx);
-    strided: the first max_tokens tokens)."""
+    strided: the first max_tokens tokens). on_logits(window, logits): see window_nll."""
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol={protocol!r}; choose one of {PROTOCOLS}")
     if n_ctx < 4 or n_ctx % 2:
@@ -424,17 +485,17 @@ def perplexity(model, text_path: Path | None = None, *, n_ctx: int = 512,
         text = read_text(text_path, kind)
     if isinstance(model, (HFModel, GGUFModel)):
         return _perplexity(model, text, n_ctx, protocol, stride, max_tokens, token_ids,
-                           batch_size, progress)
+                           batch_size, progress, on_logits)
     m = load(model, adapters, n_ctx=n_ctx, n_threads=n_threads, device=device)
     try:
         return _perplexity(m, text, n_ctx, protocol, stride, max_tokens, token_ids, batch_size,
-                           progress)
+                           progress, on_logits)
     finally:
         m.close()
 
 
 def _perplexity(m, text, n_ctx, protocol, stride, max_tokens, token_ids, batch_size,
-                progress) -> dict:
+                progress, on_logits=None) -> dict:
     from tqdm.auto import tqdm
 
     ids = list(token_ids) if token_ids is not None else m.tokenize(text)
@@ -445,10 +506,11 @@ def _perplexity(m, text, n_ctx, protocol, stride, max_tokens, token_ids, batch_s
     bar = tqdm(total=len(windows), desc=f"ppl {Path(str(m.path)).name}", unit="win",
                disable=not progress, leave=False)
     try:
-        nlls = m.window_nll(windows, batch_size, bar)
+        nlls = m.window_nll(windows, batch_size, bar, on_logits)
     finally:
         bar.close()
-    seconds = time.perf_counter() - t0
+    # what on_logits spent (a reference model's forward passes) is not this model's time
+    seconds = time.perf_counter() - t0 - getattr(on_logits, "seconds", 0.0)
 
     nll = np.concatenate(nlls)
     targets = [t for ids_w, s in windows for t in ids_w[s + 1:]]
@@ -693,6 +755,11 @@ class Config(BaseModel):
     judge: bool = Field(False, description=(
         "score generations 1-10 with an OpenAI-compatible chat endpoint from LLAMAFLOW_JUDGE_URL, "
         "LLAMAFLOW_JUDGE_KEY and LLAMAFLOW_JUDGE_MODEL; unset -> results say \"not configured\""))
+    kld: bool = Field(True, description=(
+        "when the stage is given a reference model (the f16 GGUF, or the HF model in fp32, with "
+        "the same tokenizer): KL divergence of this model's token distributions from the "
+        "reference's on every eval set, as `llama-perplexity --kl-divergence` computes it "
+        "(protocol llama.cpp only). false: the reference is ignored. No reference: nothing"))
 
 
 DATA_FIELDS = ("eval_sets.*.path", "prompts")
@@ -708,15 +775,25 @@ def _name(path) -> str:
     return Path(str(path)).name
 
 
+# the KLD statistics also logged as metrics, as {set}.{key}
+KLD_METRICS = ("kld_mean", "kld_err", "kld_median", "kld_p90", "kld_p95", "kld_p99", "kld_p99_9",
+               "kld_max", "same_top_p", "same_top_p_err", "rms_dp", "rms_dp_err", "dp_mean",
+               "ppl_ratio", "ppl_diff", "ln_ppl_cor")
+
+
 def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = None,
-        model: Path, adapters: Sequence[Path] = ()) -> dict:
+        model: Path, adapters: Sequence[Path] = (), reference: Path | None = None) -> dict:
     """Evaluate ONE model (HF dir [+ adapters] or a GGUF artifact dir/file) on every eval set and
-    the prompt set → out_dir/results.json, out_dir/generations.jsonl."""
+    the prompt set → out_dir/results.json, out_dir/generations.jsonl. With a `reference` model
+    (GGUF or HF artifact) and config.kld: also the KL divergence from it (steps/kld.py)."""
     out_dir = Path(out_dir)
     model, adapters = Path(model), [Path(a) for a in adapters]
     # every input is checked before the model is loaded
     if not model.exists():
         raise FileNotFoundError(f"model {model} does not exist")
+    reference = Path(reference) if reference is not None and config.kld else None
+    if reference is not None:
+        _check_reference(config, reference)
     texts = {name: read_text(Path(s.path), s.kind) for name, s in config.eval_sets.items()}
     prompts = load_prompts(Path(config.prompts)) if config.prompts else []
     judge_cfg = judge_config() if config.judge else None
@@ -725,26 +802,32 @@ def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = N
     m = load(model, adapters, n_ctx=max(config.n_ctx, 512 if prompts else 0),
              n_threads=config.n_threads, device=config.device, dtype=config.dtype,
              extra_buffers=config.extra_buffers, flash_attn=config.flash_attn)
-
+    ref = None
     try:
-        return _run_loaded(config, out_dir, m, texts, prompts, judge_cfg, on_metrics)
+        if reference is not None:
+            # the same runtime settings as the model, so the two differ only in their weights
+            ref = load(reference, n_ctx=config.n_ctx, n_threads=config.n_threads,
+                       device=config.device, dtype=config.dtype,
+                       extra_buffers=config.extra_buffers, flash_attn=config.flash_attn)
+        return _run_loaded(config, out_dir, m, texts, prompts, judge_cfg, on_metrics, ref)
     finally:
         m.close()
+        if ref is not None:
+            ref.close()
 
 
-def _run_loaded(config: Config, out_dir: Path, m, texts: dict, prompts: list, judge_cfg,
-                on_metrics) -> dict:
-    # n_vocab (embedding rows; a GGUF's token list, which both converters pad to those rows) and
-    # each text's sha256 let the report compare like with like: one model's HF and GGUF forms
-    # share both, so their n_text_tokens must agree (steps/report.py)
-    # models, adapters and eval sets by file or directory name, not path: the same evaluation in
-    # another workspace writes the same bytes (the manifest's inputs name them by digest)
-    results = {"model": _name(m.path), "backend": m.kind, "adapters": [_name(a) for a in m.adapters],
-               "protocol": config.protocol, "n_ctx": config.n_ctx, "n_vocab": m.n_vocab,
-               "sets": {}}
-    metrics: dict = {}
-    timings: dict = {"sets": {}, "generations": []}
-    # tokenize and cut every set first, so a set too short for n_ctx fails before any scoring
+def _check_reference(config: Config, reference: Path) -> None:
+    if not reference.exists():
+        raise FileNotFoundError(f"reference model {reference} does not exist")
+    if config.protocol != "llama.cpp":
+        raise ValueError(f"evaluate.kld: KL divergence is defined on the llama.cpp protocol's "
+                         f"chunks, not protocol={config.protocol!r}; set evaluate.protocol="
+                         "llama.cpp or evaluate.kld=false")
+
+
+def _tokenize_sets(config: Config, m, texts: dict) -> tuple[dict, dict]:
+    """Each set's token ids and token budget. Every set is tokenized and cut first, so a set too
+    short for n_ctx fails before any scoring."""
     ids, budget = {}, {}
     for name, text in texts.items():
         s = config.eval_sets[name]
@@ -755,17 +838,62 @@ def _run_loaded(config: Config, out_dir: Path, m, texts: dict, prompts: list, ju
                         stride=config.stride, bos_id=m.bos_id, max_tokens=budget[name])
         except ValueError as e:
             raise ValueError(f"eval set `{name}` ({s.path}): {e}") from None
+    return ids, budget
+
+
+def _score_set(config: Config, m, ref, name: str, text: str, ids: list[int],
+               budget: int | None, results: dict) -> tuple[dict, dict, dict]:
+    """(results entry, metrics, timings) of one eval set: perplexity, then the KL divergence
+    from the reference when there is one."""
+    s = config.eval_sets[name]
+    compare = None
+    if ref is not None:
+        from steps.kld import Comparison
+
+        # the model's logits of the perplexity pass itself, compared as they come
+        compare = Comparison(ref, config.batch_size)
+    r = perplexity(m, token_ids=ids, n_ctx=config.n_ctx, protocol=config.protocol,
+                   stride=config.stride, batch_size=config.batch_size, max_tokens=budget,
+                   on_logits=compare)
+    r |= {"path": _name(s.path), "kind": s.kind, "model": results["model"],
+          "adapters": results["adapters"],
+          "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest()}
+    flat = {f"{name}.{k}": r[k] for k in ("ppl", "ppl_err", "bits_per_byte", "char_ppl",
+                                          "n_scored", "n_tokens", "tokens_per_s")
+            if r[k] is not None}
+    timing = {k: r.pop(k) for k in ("seconds", "tokens_per_s")}
+    if compare is not None:
+        r["kld"] = compare.summary() | {"n_ctx": config.n_ctx}
+        timing["kld_seconds"] = compare.seconds
+        # the extra work made visible: its seconds go to MLflow, not into results.json
+        flat |= {f"{name}.{k}": r["kld"][k] for k in KLD_METRICS if r["kld"].get(k) is not None}
+        flat[f"{name}.kld_seconds"] = compare.seconds
+    return r, flat, timing
+
+
+def _run_loaded(config: Config, out_dir: Path, m, texts: dict, prompts: list, judge_cfg,
+                on_metrics, ref=None) -> dict:
+    # n_vocab (embedding rows; a GGUF's token list, which both converters pad to those rows) and
+    # each text's sha256 let the report compare like with like: one model's HF and GGUF forms
+    # share both, so their n_text_tokens must agree (steps/report.py)
+    # models, adapters and eval sets by file or directory name, not path: the same evaluation in
+    # another workspace writes the same bytes (the manifest's inputs name them by digest)
+    results = {"model": _name(m.path), "backend": m.kind, "adapters": [_name(a) for a in m.adapters],
+               "protocol": config.protocol, "n_ctx": config.n_ctx, "n_vocab": m.n_vocab,
+               "sets": {}}
+    if ref is not None:  # only then: without a reference, results.json is what it always was
+        results["reference"] = _name(ref.path)
+    metrics: dict = {}
+    timings: dict = {"sets": {}, "generations": []}
+    ids, budget = _tokenize_sets(config, m, texts)
+    if ref is not None:
+        from steps.kld import same_tokenizer
+
+        # a reference with another tokenizer is refused here, before any scoring
+        same_tokenizer(m, ref, texts.items(), model_ids=ids)
     for step, name in enumerate(texts):
-        s = config.eval_sets[name]
-        r = perplexity(m, token_ids=ids[name], n_ctx=config.n_ctx, protocol=config.protocol,
-                       stride=config.stride, batch_size=config.batch_size, max_tokens=budget[name])
-        r |= {"path": _name(s.path), "kind": s.kind, "model": results["model"],
-              "adapters": results["adapters"],
-              "text_sha256": hashlib.sha256(texts[name].encode("utf-8")).hexdigest()}
-        flat = {f"{name}.{k}": r[k] for k in ("ppl", "ppl_err", "bits_per_byte", "char_ppl",
-                                              "n_scored", "n_tokens", "tokens_per_s")
-                if r[k] is not None}
-        timings["sets"][name] = {k: r.pop(k) for k in ("seconds", "tokens_per_s")}
+        r, flat, timings["sets"][name] = _score_set(config, m, ref, name, texts[name],
+                                                    ids[name], budget[name], results)
         results["sets"][name] = r
         metrics |= flat
         if on_metrics:

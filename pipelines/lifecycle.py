@@ -22,6 +22,7 @@ from pipelines.config import to_yaml
 from pipelines.runner import LifecycleRun, end_failed
 from pipelines.tracking import Tracker, flatten, git_commit, redact
 from pipelines.validate import check
+from steps.evaluate import kld_reference
 from steps.quantize import uses_imatrix
 
 
@@ -46,9 +47,11 @@ def lifecycle_steps(run: LifecycleRun) -> None:
 
     candidates = {"base": (hf, []), "base-zh": (zh, []), "base-zh+pt": (zh, [pt]),
                   "merged": (merged, [])} | {f"gguf-{q}": (g, []) for q, g in ggufs.items()}
-    wanted = run.cfg["evaluate"]["models"]
-    evaluations = {
-        name: run.stage("evaluate", label=f"evaluate[{name}]", model=model, adapters=adapters)
+    wanted, ref = run.cfg["evaluate"]["models"], kld_reference(run.cfg["evaluate"])
+    evaluations = {   # each GGUF also by its KL divergence from the reference's distributions
+        name: run.stage("evaluate", label=f"evaluate[{name}]", model=model, adapters=adapters,
+                        reference=candidates[ref][0] if ref and name.startswith("gguf-")
+                        and name != ref else None)
         for name, (model, adapters) in candidates.items()
         if name in wanted or (name.startswith("gguf-") and "gguf" in wanted)}
     speeds = {f"gguf-{q}": run.stage("speed", label=f"speed[{q}]", gguf=g)

@@ -931,8 +931,19 @@ def _top_problems(cfg: dict, problems: list[Problem]) -> None:
             if m not in allowed:
                 problems.append(Problem("evaluate.models", m, f"not a model of the lifecycle"
                                         f"{suggest(m, allowed)} (the models: {', '.join(allowed)})"))
+    _kld_problems(cfg.get("evaluate") or {}, problems)
     if "workdir" in cfg and (p := workdir_problem(cfg["workdir"])):
         problems.append(p)
+
+
+def _kld_problems(ev: dict, problems: list[Problem]) -> None:
+    """KL divergence is measured on llama-perplexity's chunks, so only with that protocol."""
+    if ev.get("kld_reference") and ev.get("kld", True) and \
+            ev.get("protocol", "llama.cpp") != "llama.cpp":
+        problems.append(Problem("evaluate.kld_reference", ev["kld_reference"], (
+            f"KL divergence is measured on llama.cpp's chunks, not with protocol "
+            f"{ev.get('protocol')!r}: set evaluate.kld_reference=null (or evaluate.kld=false), "
+            "or evaluate.protocol=llama.cpp")))
 
 
 def _check_stage(cfg: dict, name: str, extra: dict | None, problems: list[Problem],

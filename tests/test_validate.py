@@ -325,3 +325,10 @@ def test_imatrix_calibration_is_checked_at_flow_start():
     out = _problems([*DEMO, "quantize.types=[f16,iq4_xs]", f"imatrix.data=[{zh}]",
                      f"evaluate.eval_sets.zh.path={zh}", "imatrix.n_ctx=512"])
     assert "is eval set `zh`'s text" in out and "llama-imatrix needs 1024" in out
+
+
+def test_kld_with_the_strided_protocol_is_refused_at_flow_start():
+    out = _problems([*DEMO, "evaluate.protocol=strided"])
+    assert "evaluate.kld_reference = 'gguf-f16'" in out and "evaluate.kld_reference=null" in out
+    check([*DEMO, "evaluate.protocol=strided", "evaluate.kld_reference=null"])
+    check([*DEMO, "evaluate.protocol=strided", "evaluate.kld=false"])

@@ -2,7 +2,7 @@
 # Installs the Debian packages the server and browser tests need, when missing:
 #   postgresql (initdb, pg_ctl, postgres: tests/servers.py starts its own cluster in a temp dir)
 #   chromium   (headless browser for tests/test_browser.py, driven through Playwright)
-#   cmake, g++ (llama.cpp's tools, built once from the installed llama-cpp-python's source:
+#   cmake, g++, make (llama.cpp's tools, built once from the installed llama-cpp-python's source:
 #               steps/llamacpp_tools.py; the imatrix, KLD-parity and speed tests use them)
 # Idempotent and quiet: nothing is fetched when all are present. Needs root (CI runs as root);
 # as another user it uses sudo when available.
@@ -18,6 +18,7 @@ if ! command -v chromium >/dev/null 2>&1; then
 fi
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v g++ >/dev/null 2>&1 || need+=(g++)
+command -v make >/dev/null 2>&1 || need+=(make)
 [ ${#need[@]} -eq 0 ] && exit 0
 
 SUDO=""

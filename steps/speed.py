@@ -63,6 +63,9 @@ class Config(BaseModel):
                                                 "stage's flash_attn")
     extra_buffers: bool = Field(False, description="llama.cpp's extra CPU buffer types, as the "
                                                    "evaluate stage's extra_buffers")
+    gpu_layers: int = Field(-1, ge=-1, description=(
+        "layers offloaded to the GPU where llama.cpp was built with one (llama-bench -ngl; -1: "
+        "all, 0: CPU only); a CPU build ignores it"))
 
 
 def default_threads(cores: int | None = None) -> list[int]:
@@ -79,7 +82,7 @@ class _Bench:
     """A GGUF loaded once with a context of n_prompt + n_gen tokens, as llama-bench sizes it."""
 
     def __init__(self, gguf: Path, n_ctx: int, n_batch: int, n_ubatch: int, flash_attn: bool,
-                 extra_buffers: bool, seed: int):
+                 extra_buffers: bool, seed: int, gpu_layers: int = 0):
         import llama_cpp
         from llama_cpp import Llama
 
@@ -98,7 +101,7 @@ class _Bench:
         with _model_params(use_extra_bufts=extra_buffers):
             self.llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=n_batch,
                              n_ubatch=n_ubatch, flash_attn=flash_attn, logits_all=False,
-                             verbose=False)
+                             n_gpu_layers=gpu_layers, verbose=False)
         self.ctx = self.llm.ctx
         from llama_cpp._internals import LlamaBatch
 
@@ -159,7 +162,8 @@ def _timed(bench: _Bench, run, n: int, repetitions: int) -> list[float]:
 
 def measure(gguf: Path, threads: Sequence[int] | None = None, *, n_prompt: int = 512,
             n_gen: int = 128, repetitions: int = 5, n_batch: int = 2048, n_ubatch: int = 512,
-            flash_attn: bool = False, extra_buffers: bool = False, seed: int = 0) -> list[dict]:
+            flash_attn: bool = False, extra_buffers: bool = False, seed: int = 0,
+            gpu_layers: int = 0) -> list[dict]:
     """pp<n_prompt> and tg<n_gen> tokens/s of `gguf` at each thread count: one row per (test,
     threads) with avg_ts, stdev_ts and the samples (llama-bench's fields). n_prompt or n_gen 0
     leaves that test out."""
@@ -169,7 +173,7 @@ def measure(gguf: Path, threads: Sequence[int] | None = None, *, n_prompt: int =
     if any(t < 1 for t in threads):
         raise ValueError(f"threads={threads}: each at least 1")
     bench = _Bench(Path(gguf), max(n_prompt + n_gen, 1), n_batch, n_ubatch, flash_attn,
-                   extra_buffers, seed)
+                   extra_buffers, seed, gpu_layers)
     rows = []
     try:
         for t in threads:
@@ -222,7 +226,7 @@ def run(config: Config, out_dir: Path, *, on_metrics=None, gguf: Path) -> dict:
     t0 = time.time()
     rows = measure(model, config.threads, n_prompt=config.n_prompt, n_gen=config.n_gen,
                    repetitions=config.repetitions, flash_attn=config.flash_attn,
-                   extra_buffers=config.extra_buffers)
+                   extra_buffers=config.extra_buffers, gpu_layers=config.gpu_layers)
     (Path(out_dir) / SPEED_FILE).write_text(json.dumps(
         {"model": model.name, "machine": _machine(), "rows": rows}, indent=1) + "\n")
     metrics = {f"{r['test']}_t{r['threads']}_ts": r["avg_ts"] for r in rows}

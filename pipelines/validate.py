@@ -621,8 +621,11 @@ def _imatrix_problems(cfg: dict, config, problems: list[Problem]) -> None:
                                 "the default is pretrain.data), or leave the types that use it "
                                 "(@imatrix, iq*) out of quantize.types"))
         return
+    # the default, pretrain.data: a problem with those files is pretrain.data's, said once
+    same = [str(p) for p in config.data] == [str(p) for p in
+                                             (cfg.get("pretrain") or {}).get("data") or []]
     files = _data_files("imatrix.data", [str(p) for p in config.data], (".txt", ".jsonl"),
-                        problems)
+                        [] if same else problems)
     evals = {Path(s["path"]).expanduser().resolve(): name for name, s in
              ((cfg.get("evaluate") or {}).get("eval_sets") or {}).items()
              if isinstance(s, dict) and s.get("path")}

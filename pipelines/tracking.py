@@ -91,25 +91,32 @@ def ctrl_c_deferred():
     if threading.current_thread() is not threading.main_thread():
         yield  # signals reach only the main thread
         return
+    previous = signal.getsignal(signal.SIGINT)
+    if not callable(previous):   # ignored, default, or set outside Python: leave it alone
+        yield
+        return
     caught = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
+    signal.signal(signal.SIGINT, lambda signum, frame: caught.append(frame))
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-        if caught and callable(previous):
+        if caught:
             previous(signal.SIGINT, caught[0])  # Python's own handler raises KeyboardInterrupt
 
 
 class _Uninterrupted:
-    """An MlflowClient whose every call runs with Ctrl-C deferred (ctrl_c_deferred)."""
+    """An MlflowClient on SQLite whose calls run with Ctrl-C deferred (ctrl_c_deferred), but
+    for artifact uploads: they write files, not the database, and can take minutes."""
+
+    LONG = ("log_artifact", "log_artifacts")
 
     def __init__(self, client: MlflowClient):
         self._client = client
 
     def __getattr__(self, name):
         attr = getattr(self._client, name)
-        if not callable(attr):
+        if not callable(attr) or name in self.LONG:
             return attr
 
         @functools.wraps(attr)
@@ -127,8 +134,8 @@ class Tracker:
             f"sqlite:///{self.workdir / 'mlflow.db'}"
         self.experiment_name = cfg.get("experiment", "llamaflow")
         db = _sqlite_path(self.uri)
-        if db is None:  # a server creates its own database, once
-            self.client = _Uninterrupted(MlflowClient(tracking_uri=self.uri))
+        if db is None:  # a server creates its own database, once; no SQLite lock to strand
+            self.client = MlflowClient(tracking_uri=self.uri)
             self.experiment_id = self._experiment()
         else:
             # The first use of a SQLite file (MlflowClient() itself) creates and migrates its

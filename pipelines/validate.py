@@ -622,8 +622,9 @@ def _imatrix_problems(cfg: dict, config, problems: list[Problem]) -> None:
                                 "(@imatrix, iq*) out of quantize.types"))
         return
     # the default, pretrain.data: a problem with those files is pretrain.data's, said once
-    same = [str(p) for p in config.data] == [str(p) for p in
-                                             (cfg.get("pretrain") or {}).get("data") or []]
+    resolved = lambda paths: [Path(str(p)).expanduser().resolve() for p in paths]  # noqa: E731
+    pretrain = (cfg.get("pretrain") or {}).get("data") or []
+    same = resolved(config.data) == resolved(pretrain if isinstance(pretrain, list) else [pretrain])
     files = _data_files("imatrix.data", [str(p) for p in config.data], (".txt", ".jsonl"),
                         [] if same else problems)
     evals = {Path(s["path"]).expanduser().resolve(): name for name, s in
@@ -636,12 +637,20 @@ def _imatrix_problems(cfg: dict, config, problems: list[Problem]) -> None:
                                     "is scored on; calibrate on other text (the training corpus)"))
     if not files or len(files) != len(set(files)):
         return
-    need, text = 2 * config.n_ctx, "\n".join(iter_corpus(files))
-    if _upper_bound(text) < need:
+    # Only as much text as could prove it short: every character is a token or more, so once
+    # `need` characters are read the text is long enough (a big corpus is never read whole).
+    need, lines, chars = 2 * config.n_ctx, [], 0
+    for line in iter_corpus(files):
+        lines.append(line)
+        chars += len(line) + 1
+        if chars >= need:
+            return
+    bound = _upper_bound("\n".join(lines))
+    if bound < need:
         problems.append(Problem("imatrix.data", [str(p) for p in config.data], f"at most "
-                                f"{_upper_bound(text)} tokens of calibration text; llama-imatrix "
-                                f"needs {need} (2 chunks of imatrix.n_ctx={config.n_ctx}): give "
-                                "more text or a smaller imatrix.n_ctx"))
+                                f"{bound} tokens of calibration text; llama-imatrix needs {need} "
+                                f"(2 chunks of imatrix.n_ctx={config.n_ctx}): give more text or "
+                                "a smaller imatrix.n_ctx"))
 
 
 def _quantize_problems(types_: Any, problems: list[Problem]) -> list[str]:
@@ -940,8 +949,11 @@ def _top_problems(cfg: dict, problems: list[Problem]) -> None:
 
 
 def _kld_problems(ev: dict, problems: list[Problem]) -> None:
-    """KL divergence is measured on llama-perplexity's chunks, so only with that protocol."""
-    if ev.get("kld_reference") and ev.get("kld", True) and \
+    """KL divergence is measured on llama-perplexity's chunks, so only with that protocol (and
+    only GGUF evaluations measure it)."""
+    models = ev.get("models") or []
+    ggufs = any(str(m).startswith("gguf") for m in (models if isinstance(models, list) else [models]))
+    if ggufs and ev.get("kld_reference") and ev.get("kld", True) and \
             ev.get("protocol", "llama.cpp") != "llama.cpp":
         problems.append(Problem("evaluate.kld_reference", ev["kld_reference"], (
             f"KL divergence is measured on llama.cpp's chunks, not with protocol "

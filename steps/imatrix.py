@@ -77,6 +77,20 @@ def calibration_text(config: Config) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _count_tokens(model: Path, text: str) -> int:
+    """Tokens of `text` with the GGUF's vocabulary (BOS included), as llama-imatrix counts."""
+    from llama_cpp import Llama
+
+    from steps.llamacpp_log import route_llama_cpp_log
+
+    route_llama_cpp_log()
+    vocab = Llama(model_path=str(model), vocab_only=True, verbose=False)
+    try:
+        return len(vocab.tokenize(text.encode("utf-8"), add_bos=True, special=False))
+    finally:
+        vocab.close()
+
+
 def _imatrix_meta(path: Path) -> dict:
     """What llama-imatrix recorded in its GGUF: chunks, chunk size, datasets, entries."""
     import gguf
@@ -97,14 +111,23 @@ def run(config: Config, out_dir: Path, *, on_metrics=None, gguf: Path) -> dict:
     """out_dir/imatrix.gguf from llama-imatrix on the f16 GGUF `gguf` (artifact dir or file)."""
     from steps import llamacpp_tools
     from steps.quantize import find_gguf
+    from steps.speed import usable_cores
 
     out_dir = Path(out_dir)
     model = find_gguf(Path(gguf))
     text = calibration_text(config)
+    # llama-imatrix says this itself, but through an asynchronous log that can lose the line
+    # when it exits at once: counted here, with the model's own tokenizer, for a clear error
+    n_tokens = _count_tokens(model, text)
+    if n_tokens < 2 * config.n_ctx:
+        raise ValueError(f"imatrix.data: the calibration text is {n_tokens} tokens; llama-imatrix "
+                         f"needs at least {2 * config.n_ctx} (2 chunks of imatrix.n_ctx="
+                         f"{config.n_ctx}): give imatrix.data more text or a smaller "
+                         "imatrix.n_ctx")
     (out_dir / CALIBRATION_FILE).write_text(text, encoding="utf-8")
     cmd = [str(llamacpp_tools.tool("llama-imatrix")), "-m", str(model), "-f", CALIBRATION_FILE,
            "-o", IMATRIX_FILE, "-c", str(config.n_ctx), "--no-ppl",
-           "-t", str(config.nthread or os.cpu_count() or 1)]
+           "-t", str(config.nthread or usable_cores())]
     if config.max_chunks is not None:
         cmd += ["--chunks", str(config.max_chunks)]
     if config.process_output:

@@ -33,12 +33,11 @@ def read_speed(speed_dir: Path) -> list[dict]:
     return json.loads(f.read_text())["rows"] if f.is_file() else []
 
 
-def _best(speed: list[dict], kind: str) -> tuple[float | None, int | None]:
-    rows = [r for r in speed if r["test"].startswith(kind)]
-    if not rows:
-        return None, None
-    top = max(rows, key=lambda r: r["avg_ts"])
-    return top["avg_ts"], top["threads"]
+def _best(speed_rows: list[dict], kind: str) -> tuple[float | None, int | None]:
+    from steps.speed import best
+
+    top = best(speed_rows, kind)
+    return (None, None) if top is None else (top["avg_ts"], top["threads"])
 
 
 def quantization_rows(rows: list[dict], results: dict[str, dict], quant_info: dict[str, dict],

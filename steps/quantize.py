@@ -40,7 +40,8 @@ class FlowKeys(BaseModel):
     types: list[str] = Field(["f16", "q8_0", "q4_0", "q4_k_m"], description=(
         "Types the lifecycle makes, as llama-quantize names them (lower case). f16 is always "
         "made, exported from the merged HF model; every other type is quantized by llama.cpp "
-        "from that f16 GGUF"))
+        "from that f16 GGUF. <type>@imatrix (e.g. q4_k_m@imatrix), and the IQ types and q2_k_s "
+        "always, use the importance matrix the imatrix stage makes"))
 
 
 STAGE = Stage(flow=FlowKeys)
@@ -85,7 +86,10 @@ class Config(BaseModel):
         "the type of one stage run (the flow sets it for each entry of `types`). Exported from "
         "HF: f32, f16, bf16 (q8_0 and q4_0 can also be exported directly with gguf's numpy "
         "quantizers: one type for every 2-D tensor); by llama.cpp's quantizer: q8_0, q6_k, "
-        "q5_k_m, q5_k_s, q5_0, q5_1, q4_k_m, q4_k_s, q4_0, q4_1, q3_k_m, q3_k_s, q3_k_l, q2_k"))
+        "q5_k_m, q5_k_s, q5_0, q5_1, q4_k_m, q4_k_s, q4_0, q4_1, q3_k_m, q3_k_s, q3_k_l, q2_k, "
+        "and with the importance matrix (the imatrix stage's) q2_k_s and the IQ types (iq4_xs, "
+        "iq4_nl, iq3_m, iq3_s, iq3_xs, iq3_xxs, iq2_m, iq2_s, iq2_xs, iq2_xxs, iq1_m, iq1_s); "
+        "<type>@imatrix: any llama.cpp type with it"))
     nthread: int = Field(0, description="llama.cpp quantizer threads; 0 = all cores")
     pure: bool = Field(False, description=(
         "llama-quantize --pure: one type for every 2-D tensor (no Q6_K output.weight, no K-quant "
@@ -676,6 +680,7 @@ def quantize_with_tool(src: Path, out: Path, q: str, nthread: int = 0, pure: boo
     import subprocess
 
     from steps import llamacpp_tools
+    from steps.speed import usable_cores
 
     if imatrix is not None and not imatrix.is_file():
         raise FileNotFoundError(f"{imatrix}: importance matrix not found (the imatrix stage "
@@ -683,7 +688,7 @@ def quantize_with_tool(src: Path, out: Path, q: str, nthread: int = 0, pure: boo
     cmd = [str(llamacpp_tools.tool("llama-quantize")), *(["--pure"] if pure else []),
            *(["--imatrix", imatrix.name] if imatrix is not None else []),
            str(Path(src).resolve()), str(Path(out).resolve()), q.upper(),
-           str(nthread or os.cpu_count() or 1)]
+           str(nthread or usable_cores())]
     proc = subprocess.run(cmd, cwd=imatrix.parent if imatrix is not None else None,
                           env=llamacpp_tools.env(), capture_output=True, text=True)
     if proc.returncode != 0 or not Path(out).is_file():

@@ -36,7 +36,7 @@ import math
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from steps import MetricsCallback, Stage, quant_table
 
@@ -65,6 +65,18 @@ class Gate(BaseModel):
     sets: list[str] | None = Field(None, description="eval sets to check; null = every set both "
                                                      "have")
 
+    @model_validator(mode="after")
+    def _limits_that_can_be_checked(self):
+        if self.vs is None and (self.max_delta_ppl_pct is not None or
+                                self.max_delta_bpb_pct is not None):
+            raise ValueError("max_delta_ppl_pct/max_delta_bpb_pct compare with another model: "
+                             "set vs (e.g. vs: f16)")
+        if all(v is None for v in (self.max_delta_ppl_pct, self.max_delta_bpb_pct,
+                                   self.max_mean_kld, self.min_same_top_p)):
+            raise ValueError("a gate with no limit checks nothing: set max_delta_ppl_pct, "
+                             "max_delta_bpb_pct, max_mean_kld or min_same_top_p")
+        return self
+
 
 class Config(BaseModel):
     """report stage: one table of every evaluated model × every eval set, plots (perplexity per
@@ -82,6 +94,9 @@ class Config(BaseModel):
 
 
 DATA_FIELDS: tuple[str, ...] = ()
+# These hold the speed columns (tokens/s: other numbers on every run and machine), so the
+# artifact digest counts them by name only; table.json and gates.json carry the results.
+DIGEST_EXCLUDE = ("report.md", quant_table.QUANT_TABLE, "tg_vs_threads.png")
 
 
 def _label(name: str, labels) -> str | None:
@@ -295,7 +310,8 @@ def _kld_checks(key: str, g: Gate, label: str, sets: dict) -> list[dict]:
                     "set": s, "metric": metric, "limit": limit}
             if kld is None:
                 checks.append(base | {"passed": False, "reason": "no KL divergence measured "
-                                      "for this set (set evaluate.kld_reference)"})
+                                      "for this set: only GGUF evaluations other than "
+                                      "evaluate.kld_reference's get one (is it set?)"})
             else:
                 checks.append(base | {"value": kld[metric], "passed": ok(kld[metric], limit)})
     return checks

@@ -24,7 +24,7 @@ import os
 import statistics
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Annotated, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -43,15 +43,17 @@ class FlowKeys(BaseModel):
 # measured for the report, with the evaluations: `stages`, `force` and `--from` say evaluate
 STAGE = Stage(part_of="evaluate", flow=FlowKeys)
 DATA_FIELDS = ()
-SPEED_FILE = "speed.json"
-DIGEST_EXCLUDE = (SPEED_FILE,)   # other numbers on every run: the digest counts the name only
+SPEED_FILE, SETTINGS_FILE = "speed.json", "speed_settings.json"
+# the numbers differ on every run: the digest counts speed.json by name only, and the settings
+# file (what was measured: model, thread counts, test sizes, offload) makes it differ when those do
+DIGEST_EXCLUDE = (SPEED_FILE,)
 
 
 class Config(BaseModel):
     """speed stage: llama-bench's prompt-processing and generation tokens/s of one GGUF, per
     thread count, in this process."""
     model_config = ConfigDict(extra="forbid")
-    threads: list[int] | None = Field(None, description=(
+    threads: list[Annotated[int, Field(ge=1)]] | None = Field(None, description=(
         "thread counts to measure; null = 1, 2, 4, … below the cores, and the core count"))
     n_prompt: int = Field(512, ge=0, description="pp test: prompt tokens (llama-bench -p; 0: "
                                                  "no pp test)")
@@ -68,9 +70,17 @@ class Config(BaseModel):
         "all, 0: CPU only); a CPU build ignores it"))
 
 
+def usable_cores() -> int:
+    """The CPUs this process may run on (a container's or taskset's limit), not the host's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def default_threads(cores: int | None = None) -> list[int]:
     """1, 2, 4, … below the core count, and the core count itself: what users sweep."""
-    cores = cores or os.cpu_count() or 1
+    cores = cores or usable_cores()
     out, t = [], 1
     while t < cores:
         out.append(t)
@@ -163,7 +173,7 @@ def _timed(bench: _Bench, run, n: int, repetitions: int) -> list[float]:
 def measure(gguf: Path, threads: Sequence[int] | None = None, *, n_prompt: int = 512,
             n_gen: int = 128, repetitions: int = 5, n_batch: int = 2048, n_ubatch: int = 512,
             flash_attn: bool = False, extra_buffers: bool = False, seed: int = 0,
-            gpu_layers: int = 0) -> list[dict]:
+            gpu_layers: int = -1) -> list[dict]:
     """pp<n_prompt> and tg<n_gen> tokens/s of `gguf` at each thread count: one row per (test,
     threads) with avg_ts, stdev_ts and the samples (llama-bench's fields). n_prompt or n_gen 0
     leaves that test out."""
@@ -213,7 +223,14 @@ def _machine() -> dict:
                 break
     except OSError:
         pass
-    return {"host": platform.node(), "cpu": name, "cores": os.cpu_count()}
+    return {"host": platform.node(), "cpu": name, "cores": usable_cores()}
+
+
+def _system_info() -> str:
+    """llama.cpp's own account of its backends (CPU features; a GPU where it has one)."""
+    import llama_cpp
+
+    return llama_cpp.llama_print_system_info().decode(errors="replace").strip()
 
 
 def run(config: Config, out_dir: Path, *, on_metrics=None, gguf: Path) -> dict:
@@ -224,11 +241,15 @@ def run(config: Config, out_dir: Path, *, on_metrics=None, gguf: Path) -> dict:
 
     model = find_gguf(Path(gguf))
     t0 = time.time()
-    rows = measure(model, config.threads, n_prompt=config.n_prompt, n_gen=config.n_gen,
+    threads = list(config.threads or default_threads())
+    settings = config.model_dump() | {"model": model.name, "threads": threads}
+    (Path(out_dir) / SETTINGS_FILE).write_text(json.dumps(settings, indent=1) + "\n")
+    rows = measure(model, threads, n_prompt=config.n_prompt, n_gen=config.n_gen,
                    repetitions=config.repetitions, flash_attn=config.flash_attn,
                    extra_buffers=config.extra_buffers, gpu_layers=config.gpu_layers)
     (Path(out_dir) / SPEED_FILE).write_text(json.dumps(
-        {"model": model.name, "machine": _machine(), "rows": rows}, indent=1) + "\n")
+        {"model": model.name, "machine": _machine(), "gpu_layers": config.gpu_layers,
+         "system_info": _system_info(), "rows": rows}, indent=1) + "\n")
     metrics = {f"{r['test']}_t{r['threads']}_ts": r["avg_ts"] for r in rows}
     for kind in ("pp", "tg"):
         top = best(rows, kind)

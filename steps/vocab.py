@@ -332,8 +332,9 @@ def take_tokenizer(base_sp: Path, given_sp: Path, out_dir: Path, pad_token: str 
                    pad_to_multiple_of: int | None = None) -> Path:
     """out_dir/tokenizer.model = `given_sp` byte for byte, with the HF tokenizer files and
     vocab_report.json (as merge_tokenizers writes them); returns out_dir. `given_sp` must
-    extend `base_sp` (check_extends). A pad_token it lacks is added after the last piece, as in
-    a merge; pad_to_multiple_of is checked, not applied: padding would change the file."""
+    extend `base_sp` (check_extends). A pad_token it lacks is added to the HF tokenizer after
+    the last piece (tokenizer.model stays the given bytes); pad_to_multiple_of is checked, not
+    applied: padding would change the file."""
     base_sp, given_sp, out_dir = Path(base_sp), Path(given_sp), Path(out_dir)
     base, given = load_sp_proto(base_sp), load_sp_proto(given_sp)
     check_extends(base_sp, given_sp, base, given)

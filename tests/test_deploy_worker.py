@@ -117,8 +117,10 @@ def test_a_requantize_run_through_a_worker_keeps_its_artifacts_and_the_next_run_
 
     latest = json.loads((workdir / "latest.json").read_text())
     cache = {k: r["cache"] for k, r in latest["stages"].items()}
-    quantized = {k for k in cache if k.startswith("quantize[")}
-    assert quantized == {f"quantize[{q}]" for q in ("f16", "q8_0", "q4_0", "q4_k_m")}
+    # the importance matrix is a part of quantize: forced with it
+    quantized = {k for k in cache if k.startswith("quantize[") or k == "imatrix"}
+    assert quantized == {f"quantize[{q}]" for q in ("f16", "q8_0", "q4_0", "q4_k_m",
+                                                    "q4_k_m@imatrix")} | {"imatrix"}
     assert all(not cache[k].startswith("hit") for k in quantized)   # forced: recomputed
     assert all(cache[k] == "hit" for k in cache if k not in quantized)   # the demo's
     made = {k: latest["stages"][k]["artifact"] for k in quantized}

@@ -90,7 +90,8 @@ def test_types_and_inputs_that_do_not_fit_are_refused(f16, matrix, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("Once upon a time.\n")
     (tmp_path / "m").mkdir()
-    with pytest.raises(RuntimeError, match="you need at least 128 tokens.*more text"):
+    with pytest.raises(ValueError, match=r"the calibration text is \d+ tokens; llama-imatrix "
+                                         r"needs at least 128 .*more text"):
         im.run(im.Config(data=[short], n_ctx=64), tmp_path / "m", gguf=f16)
     with pytest.raises(ValueError, match="imatrix.data: no calibration text"):
         im.run(im.Config(), tmp_path / "m", gguf=f16)

@@ -297,3 +297,11 @@ def test_quantization_table_kld_speed_pareto_and_gates(evaluated, tmp_path):
     assert by[("f16", "zh", "kld_mean")]["passed"]
     assert "no KL divergence measured" in by[("f32", "en", "kld_mean")]["reason"]
     assert metrics["gates_passed"] == 0
+
+
+def test_a_gate_must_be_able_to_check_something():
+    with pytest.raises(ValueError, match="set vs"):
+        rp.Gate(max_delta_ppl_pct=5.0)
+    with pytest.raises(ValueError, match="checks nothing"):
+        rp.Gate(vs="f16")
+    assert rp.Gate(max_mean_kld=0.05).vs is None

@@ -34,7 +34,8 @@ def test_pp_and_tg_per_thread_count(tiny_gguf):
         assert len(r["samples_ts"]) == 3 and all(s > 0 for s in r["samples_ts"])
         assert r["avg_ts"] == statistics.fmean(r["samples_ts"])
         assert r["stdev_ts"] == statistics.stdev(r["samples_ts"])
-    assert speed.best(rows, "tg") in rows[1::2]
+    fastest_tg = max(rows[1::2], key=lambda r: r["avg_ts"])
+    assert speed.best(rows, "tg") is fastest_tg and speed.best(rows, "xx") is None
     only_tg = speed.measure(tiny_gguf, [1], n_prompt=0, n_gen=4, repetitions=1)
     assert [(r["test"], r["stdev_ts"]) for r in only_tg] == [("tg4", 0.0)]
 
@@ -56,3 +57,7 @@ def test_the_stage_writes_the_rows_and_the_machine(tiny_gguf, tmp_path):
     assert [r["test"] for r in data["rows"]] == ["pp32", "tg4"]
     assert metrics["tg_best_threads"] == 1 and metrics["pp32_t1_ts"] == data["rows"][0]["avg_ts"]
     assert speed.DIGEST_EXCLUDE == (speed.SPEED_FILE,)   # machine numbers stay out of the digest
+    settings = json.loads((tmp_path / speed.SETTINGS_FILE).read_text())   # what was measured
+    assert (settings["threads"], settings["n_prompt"], settings["model"]) == ([1], 32, tiny_gguf.name)
+    with pytest.raises(ValueError):
+        speed.Config(threads=[0])

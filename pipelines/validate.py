@@ -579,6 +579,20 @@ def _file_problems(cfg: dict, name: str, config, problems: list[Problem]) -> Non
             except (OSError, ValueError) as e:
                 problems.append(Problem("evaluate.prompts", config.prompts,
                                         f"{e}: fix evaluate.prompts or set it to null"))
+        _mc_problems(config, problems)
+
+
+def _mc_problems(config, problems: list[Problem]) -> None:
+    """Each multiple-choice set read as the stage reads it: layout, columns, answers, enough dev
+    examples for evaluate.mc_shots."""
+    from steps.mc import check_shots, read_set
+
+    for name, s in config.mc_sets.items():
+        try:
+            check_shots(name, read_set(s), config.mc_shots)
+        except (OSError, ValueError) as e:
+            problems.append(Problem(f"evaluate.mc_sets.{name}", s.path, (
+                f"{e}: fix evaluate.mc_sets.{name} or leave the set out")))
 
 
 def _imatrix_used(cfg: dict) -> bool:

@@ -1,5 +1,6 @@
 """Evaluate stage: perplexity of one model (HF dir, HF + peft adapters, or GGUF) on text sets,
-plus generations on a fixed prompt set for human (or model-judge) review.
+multiple-choice accuracy (C-Eval, CMMLU: steps/mc.py), plus generations on a fixed prompt set for
+human (or model-judge) review (steps/judge.py, pipelines/reviews.py).
 
 Perplexity protocols
 --------------------
@@ -55,15 +56,16 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Annotated, Literal, Sequence
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from steps import MetricsCallback, Stage
+from steps.mc import DEFAULT_SPLIT, McSet
 from steps.sft import ALPACA_ZH_TEMPLATE, format_prompt  # the prompt SFT trains on
 
-VERSION = "4"  # 4: KL divergence against an optional reference model
+VERSION = "5"  # 5: multiple-choice accuracy; the judge moved to its own stage
 
 
 class FlowKeys(BaseModel):
@@ -635,57 +637,6 @@ def _generate_gguf(m: GGUFModel, prompt, max_new_tokens, greedy, temperature, to
 
 
 # ---------------------------------------------------------------------------------------------
-# Optional model judge (OpenAI-compatible chat endpoint)
-# ---------------------------------------------------------------------------------------------
-
-JUDGE_ENV = ("LLAMAFLOW_JUDGE_URL", "LLAMAFLOW_JUDGE_KEY", "LLAMAFLOW_JUDGE_MODEL")
-JUDGE_SYSTEM = ("You grade answers of an instruction-following assistant. Reply with a single "
-                "integer from 1 (useless) to 10 (excellent), judging correctness, helpfulness and "
-                "whether the answer is in the language of the instruction.")
-
-
-def judge_config() -> dict | None:
-    """{"url", "key", "model"} from LLAMAFLOW_JUDGE_URL / _KEY / _MODEL, or None when the URL or
-    model is unset (the key may be empty for local servers)."""
-    url, key, model = (os.environ.get(k, "") for k in JUDGE_ENV)
-    return {"url": url, "key": key, "model": model} if url and model else None
-
-
-def judge(generations: list[dict], *, url: str, key: str, model: str,
-          timeout: float = 60.0) -> list[dict]:
-    """Score each generation 1-10 with a chat model; returns [{"score": int|None, "error": str|None,
-    "reply": str}]. POSTs {url}/chat/completions (url is the API base, e.g. https://host/v1, or
-    the full .../chat/completions). The key goes only into the Authorization header; errors are
-    reported without it."""
-    import requests
-
-    endpoint = url.rstrip("/")
-    if not endpoint.endswith("/chat/completions"):
-        endpoint += "/chat/completions"
-    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
-    results = []
-    for g in generations:
-        question = g["instruction"] + (f"\n{g['input']}" if g.get("input") else "")
-        body = {"model": model, "temperature": 0, "max_tokens": 8, "messages": [
-            {"role": "system", "content": JUDGE_SYSTEM},
-            {"role": "user", "content": f"Instruction:\n{question}\n\nAnswer:\n{g['output']}\n\n"
-                                        "Score (1-10):"}]}
-        try:
-            r = requests.post(endpoint, json=body, headers=headers, timeout=timeout)
-            r.raise_for_status()
-            reply = r.json()["choices"][0]["message"]["content"]
-        except Exception as e:  # one bad reply must not lose the others' scores
-            msg = f"{type(e).__name__}: {e}"
-            results.append({"score": None, "reply": "",
-                            "error": msg.replace(key, "***") if key else msg})
-            continue
-        found = re.search(r"\b(10|[1-9])\b", reply)
-        results.append({"score": int(found.group(1)) if found else None, "reply": reply[:200],
-                        "error": None if found else "no score 1-10 in the reply"})
-    return results
-
-
-# ---------------------------------------------------------------------------------------------
 # Stage protocol
 # ---------------------------------------------------------------------------------------------
 
@@ -752,9 +703,22 @@ class Config(BaseModel):
     repetition_penalty: float = Field(1.1, description="sampled mode: penalty on tokens already "
                                                        "in the text (1.0: none)")
     seed: int = Field(1, description="seed of the sampled mode")
-    judge: bool = Field(False, description=(
-        "score generations 1-10 with an OpenAI-compatible chat endpoint from LLAMAFLOW_JUDGE_URL, "
-        "LLAMAFLOW_JUDGE_KEY and LLAMAFLOW_JUDGE_MODEL; unset -> results say \"not configured\""))
+    mc_sets: dict[str, McSet] = Field(default_factory=dict, description=(
+        "multiple-choice sets (C-Eval, CMMLU or a user's set in their layout, steps/mc.py): name "
+        "-> {path, layout (ceval, cmmlu, jsonl), split, subjects, max_questions}; the accuracy of "
+        "every evaluated model on them, HF and GGUF alike. {} = none"))
+    mc_shots: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0, 5], description=(
+        "few-shot counts each set is scored at (the first k dev questions of the subject)"))
+    mc_style: Literal["recipe", "lm-eval"] = Field("recipe", description=(
+        "recipe: the recipe's (and C-Eval's) prompt, `以下是中国关于{subject}考试的单项选择题，…`, "
+        "answers as `答案：X`; lm-eval: lm-evaluation-harness' ceval-valid/cmmlu prompts, to "
+        "compare with its numbers"))
+    mc_scoring: Literal["letter", "continuation"] = Field("letter", description=(
+        "letter: the choice whose letter's token is likeliest right after the prompt; "
+        "continuation: the summed log-likelihood of each choice's continuation (lm-eval's acc); "
+        "the same whenever each letter is one token"))
+    mc_n_ctx: int = Field(2048, ge=64, description=(
+        "the GGUF context when mc_sets are set: the longest prompt (5-shot) must fit"))
     kld: bool = Field(True, description=(
         "when the stage is given a reference model (the f16 GGUF, or the HF model in fp32, with "
         "the same tokenizer): KL divergence of this model's token distributions from the "
@@ -762,7 +726,7 @@ class Config(BaseModel):
         "(protocol llama.cpp only). false: the reference is ignored. No reference: nothing"))
 
 
-DATA_FIELDS = ("eval_sets.*.path", "prompts")
+DATA_FIELDS = ("eval_sets.*.path", "prompts", "mc_sets.*.path")
 # knobs that change speed, not results (batching moves float sums by ~1e-7), kept out of the key
 CACHE_EXCLUDE = ("n_threads", "device", "batch_size")
 # how long scoring and each generation took: other numbers on every run, so kept out of
@@ -783,9 +747,10 @@ KLD_METRICS = ("kld_mean", "kld_err", "kld_median", "kld_p90", "kld_p95", "kld_p
 
 def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = None,
         model: Path, adapters: Sequence[Path] = (), reference: Path | None = None) -> dict:
-    """Evaluate ONE model (HF dir [+ adapters] or a GGUF artifact dir/file) on every eval set and
-    the prompt set → out_dir/results.json, out_dir/generations.jsonl. With a `reference` model
-    (GGUF or HF artifact) and config.kld: also the KL divergence from it (steps/kld.py)."""
+    """Evaluate ONE model (HF dir [+ adapters] or a GGUF artifact dir/file) on every eval set,
+    every multiple-choice set and the prompt set → out_dir/results.json, mc_answers.jsonl,
+    generations.jsonl. With a `reference` model (GGUF or HF artifact) and config.kld: also the KL
+    divergence from it (steps/kld.py)."""
     out_dir = Path(out_dir)
     model, adapters = Path(model), [Path(a) for a in adapters]
     # every input is checked before the model is loaded
@@ -796,12 +761,13 @@ def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = N
         _check_reference(config, reference)
     texts = {name: read_text(Path(s.path), s.kind) for name, s in config.eval_sets.items()}
     prompts = load_prompts(Path(config.prompts)) if config.prompts else []
-    judge_cfg = judge_config() if config.judge else None
+    mc_sets = read_mc_sets(config)
 
-    # a GGUF context also has to hold prompt + answer; each perplexity chunk still starts afresh
-    m = load(model, adapters, n_ctx=max(config.n_ctx, 512 if prompts else 0),
-             n_threads=config.n_threads, device=config.device, dtype=config.dtype,
-             extra_buffers=config.extra_buffers, flash_attn=config.flash_attn)
+    # a GGUF context also has to hold prompt + answer, and the longest multiple-choice prompt;
+    # each perplexity chunk still starts afresh
+    n_ctx = max(config.n_ctx, 512 if prompts else 0, config.mc_n_ctx if mc_sets else 0)
+    m = load(model, adapters, n_ctx=n_ctx, n_threads=config.n_threads, device=config.device,
+             dtype=config.dtype, extra_buffers=config.extra_buffers, flash_attn=config.flash_attn)
     ref = None
     try:
         if reference is not None:
@@ -809,11 +775,26 @@ def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = N
             ref = load(reference, n_ctx=config.n_ctx, n_threads=config.n_threads,
                        device=config.device, dtype=config.dtype,
                        extra_buffers=config.extra_buffers, flash_attn=config.flash_attn)
-        return _run_loaded(config, out_dir, m, texts, prompts, judge_cfg, on_metrics, ref)
+        return _run_loaded(config, out_dir, m, texts, prompts, mc_sets, on_metrics, ref)
     finally:
         m.close()
         if ref is not None:
             ref.close()
+
+
+def read_mc_sets(config: Config) -> dict:
+    """Every multiple-choice set's subjects, read and checked (layout, answers, enough dev
+    examples for the shots) before any model is loaded; a problem names evaluate.mc_sets.<name>."""
+    from steps.mc import check_shots, read_set
+
+    out = {}
+    for name, s in config.mc_sets.items():
+        try:
+            out[name] = read_set(s)
+            check_shots(name, out[name], config.mc_shots)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"evaluate.mc_sets.{name} ({s.path}): {e}") from None
+    return out
 
 
 def _check_reference(config: Config, reference: Path) -> None:
@@ -871,7 +852,7 @@ def _score_set(config: Config, m, ref, name: str, text: str, ids: list[int],
     return r, flat, timing
 
 
-def _run_loaded(config: Config, out_dir: Path, m, texts: dict, prompts: list, judge_cfg,
+def _run_loaded(config: Config, out_dir: Path, m, texts: dict, prompts: list, mc_sets: dict,
                 on_metrics, ref=None) -> dict:
     # n_vocab (embedding rows; a GGUF's token list, which both converters pad to those rows) and
     # each text's sha256 let the report compare like with like: one model's HF and GGUF forms
@@ -898,6 +879,9 @@ def _run_loaded(config: Config, out_dir: Path, m, texts: dict, prompts: list, ju
         metrics |= flat
         if on_metrics:
             on_metrics(flat, step)
+    if mc_sets:
+        results["mc"], flat, timings["mc"] = _score_mc(config, m, mc_sets, out_dir)
+        metrics |= flat
 
     generations = []
     for mode in config.modes if prompts else []:
@@ -910,20 +894,6 @@ def _run_loaded(config: Config, out_dir: Path, m, texts: dict, prompts: list, ju
         metrics["generations"] = len(generations)
         metrics["gen_tokens_per_s"] = (sum(g["n_new_tokens"] for g in generations)
                                        / max(sum(g["seconds"] for g in generations), 1e-9))
-    if config.judge and generations:
-        if judge_cfg is None:
-            results["judge"] = "not configured"
-        else:
-            scores = judge(generations, **judge_cfg)
-            for g, s in zip(generations, scores):
-                g["judge_score"], g["judge_error"] = s["score"], s["error"]
-            valid = [s["score"] for s in scores if s["score"] is not None]
-            results["judge"] = {"model": judge_cfg["model"], "scored": len(valid),
-                                "mean": sum(valid) / len(valid) if valid else None}
-            if valid:
-                metrics["judge_mean"] = results["judge"]["mean"]
-    else:
-        results["judge"] = "not configured" if config.judge else "off"
     results["generations"] = len(generations)
     timings["generations"] = [g.pop("seconds") for g in generations]
     (out_dir / TIMINGS).write_text(json.dumps(timings, indent=1) + "\n", encoding="utf-8")
@@ -933,3 +903,31 @@ def _run_loaded(config: Config, out_dir: Path, m, texts: dict, prompts: list, ju
         for g in generations:
             f.write(json.dumps(g, ensure_ascii=False) + "\n")
     return metrics
+
+
+def _score_mc(config: Config, m, mc_sets: dict, out_dir: Path) -> tuple[dict, dict, dict]:
+    """(results["mc"], metrics, seconds per set) of the multiple-choice sets; every question's
+    pick and the four scores go to mc_answers.jsonl."""
+    from steps.mc import evaluate_set
+
+    n_ctx = getattr(m, "n_ctx", None)  # a GGUF's opened context; HF models take any length
+    out, flat, seconds = {}, {}, {}
+    with open(out_dir / "mc_answers.jsonl", "w", encoding="utf-8") as f:
+        for name, subjects in mc_sets.items():
+            t0 = time.perf_counter()
+            summary, records = evaluate_set(m, name, config.mc_sets[name], subjects,
+                                            config.mc_shots, style=config.mc_style,
+                                            scoring=config.mc_scoring, max_len=n_ctx)
+            seconds[name] = time.perf_counter() - t0
+            s = config.mc_sets[name]
+            out[name] = {"layout": s.layout, "split": s.split or DEFAULT_SPLIT[s.layout],
+                         "style": config.mc_style, "scoring": config.mc_scoring} | summary
+            for shot, r in summary.items():
+                flat[f"mc.{name}.{shot}.acc"] = r["acc"]
+                flat[f"mc.{name}.{shot}.n"] = r["n"]
+                flat |= {f"mc.{name}.{shot}.{c}.acc": v["acc"] for c, v in r["categories"].items()}
+                flat |= {f"mc.{name}.{shot}.subject.{k}.acc": v["acc"]
+                         for k, v in r["subjects"].items()}
+            for rec in records:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    return out, flat, seconds

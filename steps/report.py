@@ -38,9 +38,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from steps import MetricsCallback, Stage, quant_table
+from steps import MetricsCallback, Stage, mc_table, quant_table
 
-VERSION = "4"
+VERSION = "5"  # 5: multiple-choice accuracy
 # one report of every evaluation: selected, forced and tagged with evaluate
 STAGE = Stage(part_of="evaluate", tables={quant_table.QUANT_TABLE: ()})
 
@@ -62,6 +62,10 @@ class Gate(BaseModel):
         "mean KL divergence from the KLD reference (evaluate.kld_reference) at most this"))
     min_same_top_p: float | None = Field(None, description=(
         "the likeliest token agrees with the KLD reference's at least this often (0-1)"))
+    min_delta_acc_pp: float | None = Field(None, description=(
+        "multiple-choice accuracy (evaluate.mc_sets) may fall at most this many percentage "
+        "points below the `vs` model's, or the base model's when vs is null (-2: two points "
+        "below at worst), on every set and shot count"))
     sets: list[str] | None = Field(None, description="eval sets to check; null = every set both "
                                                      "have")
 
@@ -72,9 +76,11 @@ class Gate(BaseModel):
             raise ValueError("max_delta_ppl_pct/max_delta_bpb_pct compare with another model: "
                              "set vs (e.g. vs: f16)")
         if all(v is None for v in (self.max_delta_ppl_pct, self.max_delta_bpb_pct,
-                                   self.max_mean_kld, self.min_same_top_p)):
+                                   self.max_mean_kld, self.min_same_top_p,
+                                   self.min_delta_acc_pp)):
             raise ValueError("a gate with no limit checks nothing: set max_delta_ppl_pct, "
-                             "max_delta_bpb_pct, max_mean_kld or min_same_top_p")
+                             "max_delta_bpb_pct, max_mean_kld, min_same_top_p or "
+                             "min_delta_acc_pp")
         return self
 
 
@@ -196,15 +202,19 @@ def build_report(evaluations: dict[str, Path], training_logs: dict[str, Path] | 
         (out_dir / quant_table.QUANT_TABLE).write_text(
             "".join(json.dumps(r) + "\n" for r in qrows), encoding="utf-8")
         plots += quant_table.plots(qrows, speeds or {}, out_dir)
+    arows = mc_table.accuracy_rows(results)
+    mc_table.write(arows, out_dir)
+    plots += [p for p in [mc_table.plot(arows, out_dir)] if p]
     report_md = _report_markdown(table_md, ref, mismatches, checks, skipped, plots,
-                                 vocabulary_markdown(vocab_report) + quant_table.markdown(qrows))
+                                 vocabulary_markdown(vocab_report) + mc_table.markdown(arows)
+                                 + quant_table.markdown(qrows))
     (out_dir / "report.md").write_text(report_md, encoding="utf-8")
 
     if passed is False and on_fail == "fail":
         raise GateFailed("quality gate(s) failed: " + "; ".join(_failures(checks))
                          + f" (report in {out_dir})")
     return {"rows": rows, "gates": gates_out, "passed": passed, "plots": plots,
-            "token_mismatches": len(mismatches), "quantization": qrows}
+            "token_mismatches": len(mismatches), "quantization": qrows, "accuracy": arows}
 
 
 def _read_evaluations(evaluations: dict[str, Path]) -> dict[str, dict]:
@@ -272,7 +282,10 @@ def _check_gate(key: str, g: Gate, results: dict[str, dict], rows: list[dict],
     """The checks of gate `key` (its model vs g.vs), one per eval set and limited metric."""
     label = _label(key, labels)
     checks = _kld_checks(key, g, label, results[label]["sets"])
-    if g.vs is None:
+    if g.min_delta_acc_pp is not None:
+        checks += mc_table.checks(key, label, _label(g.vs, labels) if g.vs else None,
+                                  g.min_delta_acc_pp, results, g.sets)
+    if g.vs is None or (g.max_delta_ppl_pct is None and g.max_delta_bpb_pct is None):
         return checks
     by = _by_model_set(rows)
     vs = _label(g.vs, labels)
@@ -532,6 +545,7 @@ def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = N
         for k in ("kld_mean", "kld_p99", "same_top_p", "rms_dp", "pp_ts", "tg_ts"):
             if r[k] is not None:
                 metrics[f"{r['model']}.{r['set']}.{k}"] = r[k]
+    metrics |= mc_table.metrics(rep["accuracy"])
     metrics["token_mismatches"] = rep["token_mismatches"]
     metrics["gates_checked"] = len(rep["gates"]["checks"])
     metrics["gates_failed"] = sum(not c["passed"] for c in rep["gates"]["checks"])

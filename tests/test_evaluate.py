@@ -1,12 +1,11 @@
 """Evaluate stage: perplexity protocols against brute-force references, GGUF↔HF parity,
-adapters, bits-per-byte by hand, generations, the judge against a local stub, the stage run."""
+adapters, bits-per-byte by hand, generations, the stage run
+(the judge: tests/test_judge.py; multiple choice: tests/test_mc.py)."""
 from __future__ import annotations
 
 import hashlib
 import json
 import math
-import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -303,47 +302,6 @@ def test_generate_gguf(gguf_f32, hf):
     assert out[0]["output_ids"][0] == nxt
 
 
-class _Judge(BaseHTTPRequestHandler):
-    seen: list = []
-    status = 200
-
-    def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        type(self).seen.append({"path": self.path, "auth": self.headers.get("Authorization"),
-                                "body": body})
-        reply = json.dumps({"choices": [{"message": {"role": "assistant", "content": "Score: 7"}}]})
-        self.send_response(type(self).status)
-        self.send_header("Content-Type", "application/json")
-        self.end_headers()
-        self.wfile.write(reply.encode())
-
-    def log_message(self, *a):
-        pass
-
-
-@pytest.fixture
-def judge_server():
-    _Judge.seen, _Judge.status = [], 200
-    srv = HTTPServer(("127.0.0.1", 0), _Judge)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_port}/v1", _Judge
-    srv.shutdown()
-
-
-def test_judge_against_stub(judge_server):
-    url, handler = judge_server
-    gens = [{"instruction": "What is a checksum?", "input": "", "output": "A hash of a file."}]
-    res = ev.judge(gens, url=url, key="sk-secret-123", model="judge-1")
-    assert res == [{"score": 7, "reply": "Score: 7", "error": None}]
-    req = handler.seen[0]
-    assert req["path"] == "/v1/chat/completions" and req["auth"] == "Bearer sk-secret-123"
-    assert req["body"]["model"] == "judge-1" and "A hash of a file." in req["body"]["messages"][1]["content"]
-    handler.status = 500
-    res = ev.judge(gens, url=url + "/chat/completions", key="sk-secret-123", model="judge-1")
-    assert res[0]["score"] is None and "500" in res[0]["error"]
-    assert "sk-secret-123" not in json.dumps(res)
-
-
 def _cfg(**kw):
     base = dict(eval_sets={"en": {"path": str(DEMO_DATA / "eval_en.txt")},
                            "corpus": {"path": str(CORPUS), "max_tokens": 4 * N_CTX}},
@@ -351,14 +309,12 @@ def _cfg(**kw):
     return ev.Config(**(base | kw))
 
 
-def test_run_writes_results_and_generations(tiny_hf_model, tmp_path, monkeypatch):
-    for k in ev.JUDGE_ENV:
-        monkeypatch.delenv(k, raising=False)
+def test_run_writes_results_and_generations(tiny_hf_model, tmp_path):
     seen = []
-    m = ev.run(_cfg(judge=True), tmp_path, model=tiny_hf_model, on_metrics=lambda d, s: seen.append(s))
+    m = ev.run(_cfg(), tmp_path, model=tiny_hf_model, on_metrics=lambda d, s: seen.append(s))
     res = json.loads((tmp_path / "results.json").read_text(encoding="utf-8"))
     gens = [json.loads(line) for line in (tmp_path / "generations.jsonl").read_text(encoding="utf-8").splitlines()]
-    assert set(res["sets"]) == {"en", "corpus"} and res["judge"] == "not configured"
+    assert set(res["sets"]) == {"en", "corpus"} and "judge" not in res and "mc" not in res
     assert res["sets"]["corpus"]["n_chunks"] == 4 and m["corpus.n_scored"] == 4 * 31
     assert m["en.ppl"] == res["sets"]["en"]["ppl"] and m["en.bits_per_byte"] > 0
     assert seen == [0, 1] and m["generations"] == 8 == len(gens)
@@ -374,21 +330,6 @@ def test_run_writes_results_and_generations(tiny_hf_model, tmp_path, monkeypatch
     assert "seconds" not in written and "tokens_per_s" not in written
     assert str(tiny_hf_model) not in written and str(DEMO_DATA) not in written
     assert res["model"] == tiny_hf_model.name and res["sets"]["en"]["path"] == "eval_en.txt"
-
-
-def test_run_with_judge_keeps_the_key_out(tiny_hf_model, tmp_path, monkeypatch, judge_server):
-    url, _ = judge_server
-    monkeypatch.setenv("LLAMAFLOW_JUDGE_URL", url)
-    monkeypatch.setenv("LLAMAFLOW_JUDGE_KEY", "sk-secret-456")
-    monkeypatch.setenv("LLAMAFLOW_JUDGE_MODEL", "judge-1")
-    cfg = _cfg(judge=True, modes=["greedy"],
-               eval_sets={"en": {"path": str(DEMO_DATA / "eval_en.txt")}})
-    m = ev.run(cfg, tmp_path, model=tiny_hf_model)
-    assert m["judge_mean"] == 7.0
-    for f in tmp_path.iterdir():
-        assert "sk-secret-456" not in f.read_text(encoding="utf-8")
-    gens = (tmp_path / "generations.jsonl").read_text(encoding="utf-8").splitlines()
-    assert all(json.loads(g)["judge_score"] == 7 for g in gens)
 
 
 def test_run_checks_inputs_before_loading(tmp_path):

@@ -10,6 +10,8 @@
                                                             the generated conf/ files from them
     llamaflow ui [--workdir DIR] [--port N]                 the MLflow UI on the workspace database
     llamaflow verify [--workdir DIR] [STAGE...]             re-hash every artifact against its manifest
+    llamaflow review [--workdir DIR] [--run ID] [--port N] [--reviewer NAME]
+                                                            score a run's answers, blind (MLflow traces)
     llamaflow serve | deploy                                Prefect deployments with schedules
 """
 from __future__ import annotations
@@ -266,6 +268,41 @@ def cmd_ui(args) -> int:
     os.execv(sys.executable, cmd)
 
 
+def cmd_review(args) -> int:
+    """The blind review page of one lifecycle run's answers (pipelines/reviews.py): each score
+    becomes a human_score feedback on that answer's MLflow trace."""
+    from pipelines import reviews
+    from pipelines.tracking import Tracker
+
+    workdir = Path(args.workdir).expanduser().resolve()
+    db = workdir / "mlflow.db"
+    if not os.environ.get("MLFLOW_TRACKING_URI") and not db.is_file():
+        print(f"llamaflow review: no MLflow database at {db}: run `llamaflow demo` or "
+              "`llamaflow run` first (or set MLFLOW_TRACKING_URI)", file=sys.stderr)
+        return 2
+    try:
+        run_id = args.run or reviews.latest_run_id(workdir)
+        tracker = Tracker(workdir, {})
+        server = reviews.make_server(tracker, run_id, args.host, args.port, args.reviewer or "")
+    except reviews.ReviewError as e:
+        print(f"llamaflow review: {e}; lifecycle runs are listed in {workdir / 'latest.json'} "
+              "(the latest) and by `llamaflow ui` (experiment llamaflow, the parent runs)",
+              file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"llamaflow review: cannot serve on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 2
+    host, port = server.server_address[:2]
+    print(f"llamaflow review: run {run_id}: http://{host}:{port}/  (Ctrl-C stops it)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("\nllamaflow review: stopped", file=sys.stderr)
+    finally:
+        server.server_close()
+    return 0
+
+
 def cmd_deploy(args, serve: bool) -> int:
     from pipelines import deploy
     from pipelines.config import load_config
@@ -351,6 +388,14 @@ def main(argv: list[str] | None = None) -> int:
                                       "against its manifest; exit 1 when one is damaged")
     v.add_argument("--workdir", default=os.environ.get("LLAMAFLOW_WORKDIR", "workspace"))
     v.add_argument("stages", nargs="*", metavar="STAGE")
+    rv = sub.add_parser("review", help="score the answers of a lifecycle run's models, blind "
+                                       "(a page on 127.0.0.1; scores go to MLflow traces)")
+    rv.add_argument("--workdir", default=os.environ.get("LLAMAFLOW_WORKDIR", "workspace"))
+    rv.add_argument("--run", metavar="MLFLOW_PARENT_RUN_ID",
+                    help="the lifecycle run (default: the workspace's latest.json)")
+    rv.add_argument("--host", default="127.0.0.1")
+    rv.add_argument("--port", type=int, default=8640)
+    rv.add_argument("--reviewer", metavar="NAME", help="prefills the reviewer name")
     for name in ("serve", "deploy"):
         s = sub.add_parser(name, help=f"Prefect deployments with schedules ({name})")
         s.add_argument("names", nargs="*", help="deployment names from conf/deploy (default all)")
@@ -373,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_ui(args)
         if args.cmd == "verify":
             return cmd_verify(args)
+        if args.cmd == "review":
+            return cmd_review(args)
         return cmd_deploy(args, serve=args.cmd == "serve")
     except KeyboardInterrupt:  # the stage's MLflow runs are KILLED, its checkpoints kept
         print("\nllamaflow: interrupted; rerun the same command to resume (finished stages are "

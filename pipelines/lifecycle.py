@@ -17,7 +17,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger, runtime
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
-from pipelines import locks
+from pipelines import locks, reviews
 from pipelines.config import to_yaml
 from pipelines.runner import LifecycleRun, end_failed
 from pipelines.tracking import Tracker, flatten, git_commit, redact
@@ -56,8 +56,13 @@ def lifecycle_steps(run: LifecycleRun) -> None:
         if name in wanted or (name.startswith("gguf-") and "gguf" in wanted)}
     speeds = {f"gguf-{q}": run.stage("speed", label=f"speed[{q}]", gguf=g)
               for q, g in ggufs.items()} if run.cfg["speed"]["enabled"] else {}
+    judge = run.cfg["judge"]   # the answers judged by a chat model, e.g. one of these GGUFs
+    judged = run.stage("judge", generations=evaluations, judge_model=candidates[judge[
+        "local_model"]][0] if judge["local_model"] else None) if judge["enabled"] else None
+    # people's scores so far (`llamaflow review`): new ones recompute the report, nothing else
     run.stage("report", evaluations=evaluations, training={"pretrain": pt, "sft": sft},
-              quantized=ggufs, vocab=zh, speeds=speeds)
+              quantized=ggufs, vocab=zh, speeds=speeds, judge=judged,
+              config={"reviews": reviews.snapshot(run, evaluations)})
 
 
 @flow(name="lifecycle")

@@ -220,12 +220,23 @@ def _lookup(call: _Call) -> tuple[Artifact | None, str, list[str]]:
         hit = run.store.lookup(name, key, warn=call.log.warning)
         # A fetched copy that fails the local check is computed here like any miss (and pushed)
         cache = "hit-remote" if hit is not None else "miss"
+    if hit is not None and (why := _not_reusable(call, hit)):
+        call.log.warning("%s: the cached result %s is not reused (%s): computing it again",
+                         call.label, key[:12], why)
+        hit, cache = None, "retried"
     if hit is None and call.group not in run.selected:
         raise StageNotCached(
             f"stage `{call.label}` is not selected (stages/--from) and has no cached artifact for "
             f"this configuration (key {key[:12]}); run it first, e.g. `llamaflow run "
             f"stages=[{call.group}]` or without --from")
     return hit, cache, damaged
+
+
+def _not_reusable(call: _Call, hit: Artifact) -> str | None:
+    """Why a stored artifact must not be reused, as its stage says (`not_reusable(path)`, e.g. the
+    judge's when its endpoint was down: a rerun should ask again, not repeat the failure)."""
+    check = getattr(call.module, "not_reusable", None)
+    return check(hit.path) if check is not None else None
 
 
 def _tracked(call: _Call, hit: Artifact | None, cache: str, damaged: list[str]) -> Artifact:
@@ -273,7 +284,7 @@ def _hit_or_run(call: _Call, run_id: str, hit: Artifact | None,
     tmp = call.run.store.new_tmp(call.name, call.key)
     try:
         metrics = _run_step(call, run_id, tmp)
-        artifact = _commit(call, tmp, metrics, forced=cache == "forced")
+        artifact = _commit(call, tmp, metrics, forced=cache in ("forced", "retried"))
     except BaseException:  # first: on a full disk this is what frees the space to record it
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -332,6 +343,14 @@ def _record(call: _Call, run_id: str, artifact: Artifact, metrics: dict, seconds
                               "llamaflow.artifact_digest": artifact.digest})
     tracker.log_dict(run_id, artifact.manifest, "manifest.json")
     _log_small_files(call.run, run_id, artifact, call.stage.tables)
+    if call.stage.review:  # answers a person can score: MLflow traces (pipelines/reviews.py)
+        try:
+            from pipelines import reviews
+
+            reviews.ensure_traces(tracker, run_id, call.label, artifact, call.stage.review)
+        except Exception as e:  # the stage's result stands; only the review is missing
+            call.log.warning("%s: could not log its generations as MLflow traces: %s",
+                             call.label, redact(str(e)))
 
 
 def _record_failure(call: _Call, run_id: str, e: BaseException) -> None:

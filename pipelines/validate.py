@@ -958,8 +958,31 @@ def _top_problems(cfg: dict, problems: list[Problem]) -> None:
                 problems.append(Problem("evaluate.models", m, f"not a model of the lifecycle"
                                         f"{suggest(m, allowed)} (the models: {', '.join(allowed)})"))
     _kld_problems(cfg.get("evaluate") or {}, problems)
+    _judge_problems(cfg, problems)
     if "workdir" in cfg and (p := workdir_problem(cfg["workdir"])):
         problems.append(p)
+
+
+def _judge_problems(cfg: dict, problems: list[Problem]) -> None:
+    """The judge's local model is a GGUF this run makes; its pairs name models of the lifecycle."""
+    judge = cfg.get("judge") or {}
+    if not judge.get("enabled"):
+        return
+    types = [q for q in (cfg.get("quantize") or {}).get("types") or [] if isinstance(q, str)]
+    local = judge.get("local_model")
+    if local is not None and local not in [f"gguf-{q}" for q in types]:
+        problems.append(Problem("judge.local_model", local, (
+            f"not a GGUF this run makes (quantize.types: {types}): name one as gguf-<type>, "
+            "or null to use the endpoint from the environment")))
+    names = [m for m in eval_models() if m != "gguf"]
+    for pair in judge.get("pairs") or []:
+        for m in pair if isinstance(pair, list) else [pair]:
+            # a GGUF this run does not make is skipped by the stage (and said so), as a gate on
+            # it is; a name that is no model of the lifecycle is a typo
+            if not (isinstance(m, str) and (m in names or m.startswith("gguf-"))):
+                problems.append(Problem("judge.pairs", m, (
+                    f"not a model of the lifecycle{suggest(str(m), names)} (the models: "
+                    f"{', '.join(names)}, gguf-<type>)")))
 
 
 def _kld_problems(ev: dict, problems: list[Problem]) -> None:

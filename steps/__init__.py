@@ -14,6 +14,8 @@ orchestration on top. Each stage module exposes the same small protocol (see REA
                                         # (timings), counted by name only in the artifact digest
     def public_config(config) -> dict   # optional: the config as the cache key and MLflow show
                                         # it (e.g. a URL read from the environment, redacted)
+    def not_reusable(path) -> str | None  # optional: why a stored artifact must be computed again
+                                        # (the judge's, made while its endpoint was down)
     def run(config, out_dir, *, on_metrics=None, **inputs) -> dict[str, float | int | str]
 
 `run` writes only inside `out_dir` (an empty temp dir that pipelines renames into place) and
@@ -57,3 +59,6 @@ class Stage:
     # JSON Lines outputs that MLflow shows as a table for human review (`<stem>_table.json`),
     # each with the columns left out of it (token ids are for machines).
     tables: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    # A JSON Lines output whose greedy answers a person can score: each becomes an MLflow trace
+    # linked to the stage's run (pipelines/reviews.py; `llamaflow review` scores them).
+    review: str | None = None

@@ -89,7 +89,8 @@ def kld_reference(section: dict) -> str | None:
 
 
 # generations.jsonl as a table for review, without the token ids of each answer
-STAGE = Stage(gpu=True, flow=FlowKeys, tables={"generations.jsonl": ("output_ids",)})
+STAGE = Stage(gpu=True, flow=FlowKeys, tables={"generations.jsonl": ("output_ids",)},
+              review="generations.jsonl")
 PROTOCOLS = ("llama.cpp", "strided")
 
 _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
@@ -546,7 +547,8 @@ def _perplexity(m, text, n_ctx, protocol, stride, max_tokens, token_ids, batch_s
 # ---------------------------------------------------------------------------------------------
 
 def load_prompts(path: Path) -> list[dict]:
-    """A JSON list of {"instruction", "input"} records (Alpaca style; "input" may be empty)."""
+    """A JSON list of {"instruction", "input", "group"} records (Alpaca style; "input" may be
+    empty, "group" left out)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"prompt set {path} not found")
@@ -557,7 +559,10 @@ def load_prompts(path: Path) -> list[dict]:
                          '{"instruction": ..., "input": ...} records') from e
     if not isinstance(data, list) or not all(isinstance(d, dict) and "instruction" in d for d in data):
         raise ValueError(f"{path}: expected a JSON list of records with an 'instruction' key")
-    return [{"instruction": d["instruction"], "input": d.get("input", "") or ""} for d in data]
+    # "group": the task group a prompt belongs to (the recipe judged 10 groups × 20 prompts:
+    # knowledge QA, translation, writing, ...); the judge's scores are averaged per group
+    return [{"instruction": d["instruction"], "input": d.get("input", "") or ""}
+            | ({"group": str(d["group"])} if d.get("group") else {}) for d in data]
 
 
 def generate(model, prompts: Sequence[dict | str], *, template: str = ALPACA_ZH_TEMPLATE,
@@ -592,6 +597,7 @@ def generate(model, prompts: Sequence[dict | str], *, template: str = ALPACA_ZH_
             text, new_ids = _generate_gguf(m, prompt, max_new_tokens, greedy, temperature, top_p,
                                            top_k, repetition_penalty, seed + i)
         out.append({"instruction": rec["instruction"], "input": rec.get("input", ""),
+                    **({"group": rec["group"]} if rec.get("group") else {}),
                     "prompt": prompt, "output": text, "mode": "greedy" if greedy else "sampled",
                     "n_new_tokens": len(new_ids), "output_ids": new_ids,
                     "seconds": round(time.perf_counter() - t0, 4)})

@@ -38,7 +38,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from steps import MetricsCallback, Stage, mc_table, quant_table
+from steps import MetricsCallback, Stage, human_review, mc_table, quant_table
+from steps.judge import markdown as judge_markdown
+from steps.judge import single_scores
 
 VERSION = "5"  # 5: multiple-choice accuracy
 # one report of every evaluation: selected, forced and tagged with evaluate
@@ -94,12 +96,16 @@ class Config(BaseModel):
         default_factory=lambda: {"q4_0": Gate(vs="f16", max_delta_ppl_pct=5.0)}, description=(
             "model label (or quant type) -> limits against another model, on every shared eval "
             "set unless `sets` lists some"))
+    reviews: str | None = Field(None, description=(
+        "people's 1-10 scores of the answers (a JSON list the flow writes from MLflow's "
+        "assessments, `llamaflow review`): their means per model and agreement with the judge; "
+        "null = none. Set by the flow"))
     on_fail: Literal["fail", "tag"] = Field("tag", description=(
         "what a failed gate does: \"fail\" raises after writing the report (the flow run "
         "fails); \"tag\" records gates_passed=0 in the metrics and carries on"))
 
 
-DATA_FIELDS: tuple[str, ...] = ()
+DATA_FIELDS = ("reviews",)
 # These hold the speed columns (tokens/s: other numbers on every run and machine), so the
 # artifact digest counts them by name only; table.json and gates.json carry the results.
 DIGEST_EXCLUDE = ("report.md", quant_table.QUANT_TABLE, "tg_vs_threads.png")
@@ -165,7 +171,8 @@ def build_report(evaluations: dict[str, Path], training_logs: dict[str, Path] | 
                  quant_info: dict[str, dict] | None = None, out_dir: Path = Path("."), *,
                  gates: dict[str, Gate | dict] | None = None, reference: str | None = "gguf-f16",
                  on_fail: str = "tag", vocab_report: dict | None = None,
-                 speeds: dict[str, list[dict]] | None = None) -> dict:
+                 speeds: dict[str, list[dict]] | None = None, judge: dict | None = None,
+                 human: dict | None = None) -> dict:
     """Write table/plots/gates for `evaluations` (label -> evaluate out_dir) into out_dir and
     return {"rows", "gates", "passed"}; raise GateFailed afterwards if a gate failed and
     on_fail == "fail"."""
@@ -205,9 +212,10 @@ def build_report(evaluations: dict[str, Path], training_logs: dict[str, Path] | 
     arows = mc_table.accuracy_rows(results)
     mc_table.write(arows, out_dir)
     plots += [p for p in [mc_table.plot(arows, out_dir)] if p]
-    report_md = _report_markdown(table_md, ref, mismatches, checks, skipped, plots,
-                                 vocabulary_markdown(vocab_report) + mc_table.markdown(arows)
-                                 + quant_table.markdown(qrows))
+    sections = (vocabulary_markdown(vocab_report) + mc_table.markdown(arows)
+                + quant_table.markdown(qrows) + judge_markdown(judge)
+                + (human_review.markdown(human).splitlines() + [""] if human else []))
+    report_md = _report_markdown(table_md, ref, mismatches, checks, skipped, plots, sections)
     (out_dir / "report.md").write_text(report_md, encoding="utf-8")
 
     if passed is False and on_fail == "fail":
@@ -507,15 +515,34 @@ def _plot_size_vs_ppl(plt, rows, sets, out_dir: Path, *, ref: str | None,
     return _save(plt, fig, out_dir, "quant_size_vs_ppl.png")
 
 
+def _read_json(path: Path):
+    return json.loads(Path(path).read_text(encoding="utf-8")) if Path(path).is_file() else None
+
+
+def _human_scores(reviews: str | None, judge: Path | None) -> dict | None:
+    """The summary of people's scores (None without any), with their agreement with the judge's
+    single scores of the same answers, matched by model and instruction."""
+    records = _read_json(Path(reviews)) if reviews else None
+    if not records:
+        return None
+    by_text = single_scores(judge) if judge is not None else {}
+    index = {r["instruction"]: r["prompt_index"] for r in records}
+    judge_scores = {m: {index[t]: v for t, v in scores.items() if t in index}
+                    for m, scores in by_text.items()}
+    return human_review.summarise(records, judge_scores or None)
+
+
 def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = None,
         evaluations: dict[str, Path], training: dict[str, Path] | None = None,
         quantized: dict[str, Path] | None = None, vocab: Path | None = None,
-        speeds: dict[str, Path] | None = None) -> dict:
+        speeds: dict[str, Path] | None = None, judge: Path | None = None) -> dict:
     """evaluations: model label -> evaluate out_dir; training: run label -> training stage
     out_dir (its trainer_log.jsonl is plotted); quantized: qtype -> quantize out_dir (its .gguf
     size and bits per weight go into the rows of the evaluation labelled gguf-<qtype>); vocab:
     the vocab stage's out_dir (its vocab_report.json: sizes and tokens per character); speeds:
-    model label -> speed stage out_dir (its speed.json: pp/tg tokens/s per thread count)."""
+    model label -> speed stage out_dir (its speed.json: pp/tg tokens/s per thread count); judge:
+    the judge stage's out_dir (judge.json: pairwise and single scores); config.reviews: people's
+    scores (steps/human_review.py), compared with the judge's single scores."""
     vocab_report = None
     if vocab is not None and (Path(vocab) / "vocab_report.json").is_file():
         vocab_report = json.loads((Path(vocab) / "vocab_report.json").read_text(encoding="utf-8"))
@@ -532,9 +559,11 @@ def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = N
                   for q, d in (quantized or {}).items() if d is not None}
     speeds = {label: rows for label, d in (speeds or {}).items()
               if d is not None and (rows := quant_table.read_speed(Path(d)))}
+    judged = _read_json(Path(judge) / "judge.json") if judge is not None else None
+    human = _human_scores(config.reviews, judge)
     rep = build_report(evaluations, logs, quant_info, out_dir, gates=config.gates,
                        reference=config.reference, on_fail=config.on_fail,
-                       vocab_report=vocab_report, speeds=speeds)
+                       vocab_report=vocab_report, speeds=speeds, judge=judged, human=human)
     metrics = {f"{r['model']}.{r['set']}.{k}": r[k] for r in rep["rows"]
                for k in ("ppl", "bits_per_byte", "delta_ppl_pct") if r[k] is not None}
     for name, st in ((k[len("eval_"):], v) for k, v in (vocab_report or {}).items()
@@ -546,6 +575,7 @@ def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = N
             if r[k] is not None:
                 metrics[f"{r['model']}.{r['set']}.{k}"] = r[k]
     metrics |= mc_table.metrics(rep["accuracy"])
+    metrics |= human_review.metrics(human) if human else {}
     metrics["token_mismatches"] = rep["token_mismatches"]
     metrics["gates_checked"] = len(rep["gates"]["checks"])
     metrics["gates_failed"] = sum(not c["passed"] for c in rep["gates"]["checks"])

@@ -39,6 +39,12 @@ class Config(pydantic.BaseModel):
 DATA_FIELDS = ()
 
 
+def not_reusable(path):
+    # a stage may refuse its own stored result (the judge's, made while its endpoint was down)
+    made = json.loads((Path(path) / "toy.json").read_text())
+    return "it said no" if made["greeting"] == "no" else None
+
+
 def run(config, out_dir, *, on_metrics=None, model):
     files = sorted(p.name for p in Path(model).iterdir())
     (Path(out_dir) / "toy.json").write_text(json.dumps({"greeting": config.greeting,
@@ -130,17 +136,24 @@ def test_a_toy_stage_is_checked_run_and_cached(toy_stage, tmp_path, prefect_harn
         {"download": "hit", "convert": "hit", "toy": "hit"}
     assert second["stages"]["toy"]["artifact"] == toy["artifact"]
     assert second["stages"]["toy"]["digest"] == toy["digest"]
+    # a result its stage will not reuse is computed again, in place of the stored one
+    refused = [*overrides, "toy.greeting=no"]
+    assert lifecycle.lifecycle(overrides=refused)["stages"]["toy"]["cache"] == "miss"
+    again = lifecycle.lifecycle(overrides=refused)["stages"]
+    assert again["toy"]["cache"] == "retried" and again["convert"]["cache"] == "hit"
+    assert not list((Path(again["toy"]["artifact"]).parent).glob(".tmp-*"))
 
 
 STAGE_MODULES = ["download", "convert", "vocab", "pretrain", "sft", "merge", "quantize",
-                 "imatrix", "evaluate", "speed", "report"]
+                 "imatrix", "evaluate", "speed", "judge", "report"]
 
 
 def test_the_stages_are_the_declaring_groups_of_the_defaults_list():
     from pipelines.stages import stage_order, task_names
 
     assert task_names() == STAGE_MODULES
-    assert stage_order() == [s for s in STAGE_MODULES if s not in ("imatrix", "speed", "report")]
+    assert stage_order() == [s for s in STAGE_MODULES if s not in ("imatrix", "speed", "judge",
+                                                                  "report")]
 
 
 @pytest.mark.parametrize("name", STAGE_MODULES)

@@ -172,7 +172,7 @@ def test_every_recipe_with_every_launcher_passes_validation(recipe, launcher, sh
     cfg, checked = check([f"recipe={recipe}", *_needs(recipe, shared_data),
                           f"launcher@pretrain.launcher={launcher}", f"launcher@sft.launcher={launcher}"])
     assert checked[:6] == ["download", "convert", "vocab", "pretrain", "sft", "merge"]
-    assert checked[-3:] == ["evaluate", "speed", "report"]
+    assert checked[-4:] == ["evaluate", "speed", "judge", "report"]
     assert {f"quantize[{q}]" for q in cfg["quantize"]["types"]} <= set(checked)
     assert cfg["pretrain"]["launcher"]["strategy"] == ("fsdp" if launcher == "fsdp" else "ddp")
 

@@ -65,6 +65,23 @@ def test_demo_pretrain_losses_are_golden(first, workdir):
     assert losses == pytest.approx(DEMO_PRETRAIN_LOSSES, rel=1e-5)
 
 
+def test_the_report_has_accuracy_and_a_real_local_judges_scores(first, workdir):
+    md = (workdir / first["stages"]["report"]["artifact"] / "report.md").read_text(encoding="utf-8")
+    assert "## Multiple-choice accuracy" in md
+    for model in ("base", "merged", "gguf-f16", "gguf-q4_0"):
+        for shots in (0, 5):
+            assert f"| {model} | ceval | {shots} |" in md and f"| {model} | cmmlu | {shots} |" in md
+    judge = json.loads((workdir / first["stages"]["judge"]["artifact"] / "judge.json").read_text())
+    # 2 pairs x 4 prompts x both orders, then 9 models x 4 prompts alone, on llama_cpp.server
+    # serving the demo's own f16 GGUF: every reply parsed (the grammar), none dropped
+    assert judge["status"] == "ok" and judge["judge"]["local"] and judge["n_requests"] == 52
+    assert judge["n_failures"] == 0 and len(judge["judge"]["gguf_sha256"]) == 64
+    assert [(p["a"], p["b"], p["n_judged"]) for p in judge["pairs"]] == \
+        [("merged", "base-zh+pt", 4), ("merged", "gguf-q4_0", 4)]
+    assert set(judge["groups"]) == {"知识问答", "文本翻译", "写信写文章"}
+    assert "## Judge" in md and "| merged vs gguf-q4_0 | 4/4 |" in md
+
+
 def test_mlflow_has_a_parent_run_with_one_nested_run_per_stage(first, workdir):
     client = _client(workdir)
     parent = client.get_run(first["mlflow_parent_run_id"])

@@ -163,7 +163,7 @@ def test_config_check_says_ok_or_lists_the_problems(capsys):
     from pipelines.cli import main
 
     assert main(["config", "--check", *DEMO]) == 0
-    assert capsys.readouterr().out.startswith("config OK: 15 stages checked (download, convert,")
+    assert capsys.readouterr().out.startswith("config OK: 16 stages checked (download, convert,")
     assert main(["config", "--check", *DEMO, "sft.max_seq_length=4", "convert.dtype=fp16"]) == 2
     err = capsys.readouterr().err
     assert "sft.max_seq_length = 4: must be >= 8" in err

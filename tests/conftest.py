@@ -83,3 +83,31 @@ def demo_servers(tmp_path_factory):
 
     with demo_on_servers(tmp_path_factory.mktemp("servers")) as state:
         yield state
+
+
+CHROMIUM = os.environ.get("LLAMAFLOW_CHROMIUM", "/usr/bin/chromium")
+LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium (Debian's, driven by Playwright) for the browser tests; a skip with the
+    reason where it is missing (an error under CI=true)."""
+    import shutil
+
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        sync_playwright = None
+    if sync_playwright is None or shutil.which(CHROMIUM) is None:
+        msg = ("headless browser not available: pip install playwright (dev extras) and Debian's "
+               "chromium (infra/ci/install-services.sh); Playwright's own browser download is "
+               "not used")
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+        yield b
+        b.close()

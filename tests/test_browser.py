@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -22,31 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 # Screenshots land in a temp folder; LLAMAFLOW_SCREENSHOTS=docs/img refreshes the README's copies
 # (a test run must not rewrite tracked files).
 IMG = Path(os.environ.get("LLAMAFLOW_SCREENSHOTS") or tempfile.mkdtemp(prefix="llamaflow-shots-"))
-CHROMIUM = os.environ.get("LLAMAFLOW_CHROMIUM", "/usr/bin/chromium")
-LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 pytestmark = [pytest.mark.servers, pytest.mark.slow]
-
-
-@pytest.fixture(scope="module")
-def browser():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        sync_playwright = None
-    ok = sync_playwright is not None and shutil.which(CHROMIUM) is not None
-    if not ok:
-        msg = ("headless browser not available: pip install playwright (dev extras) and Debian's "
-               "chromium (infra/ci/install-services.sh); Playwright's own browser download is "
-               "not used")
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
-        yield b
-        b.close()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import signal
 import socket
 import subprocess
@@ -29,9 +28,6 @@ import pytest
 from steps import human_review
 
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM = os.environ.get("LLAMAFLOW_CHROMIUM", "/usr/bin/chromium")
-LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
 # -- helpers (reusable) -----------------------------------------------------------------------
@@ -269,25 +265,6 @@ def test_unknown_run_is_refused_before_serving(demo_first_run):
     r = subprocess.run(_review_cmd(workdir / "nowhere"), cwd=REPO, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 2 and "no MLflow database" in r.stderr
-
-
-@pytest.fixture(scope="module")
-def browser():
-    try:
-        from playwright.sync_api import sync_playwright
-    except ImportError:
-        sync_playwright = None
-    import shutil
-
-    if sync_playwright is None or shutil.which(CHROMIUM) is None:
-        msg = "headless browser not available: playwright (dev extras) and Debian's chromium"
-        if os.environ.get("CI") == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
-        yield b
-        b.close()
 
 
 @pytest.mark.servers

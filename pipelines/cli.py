@@ -396,6 +396,22 @@ def main(argv: list[str] | None = None) -> int:
     rv.add_argument("--host", default="127.0.0.1")
     rv.add_argument("--port", type=int, default=8640)
     rv.add_argument("--reviewer", metavar="NAME", help="prefills the reviewer name")
+    sm = sub.add_parser("serve-model", help="serve a GGUF the lifecycle made through an "
+                                            "OpenAI-compatible llama.cpp server")
+    sm.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                    help="default: the f16 GGUF of the registered model's champion (else "
+                         "candidate); or a quant type (q4_k_m), a quantize artifact key prefix, "
+                         "alias:NAME, or a path to a .gguf")
+    sm.add_argument("--workdir", default=os.environ.get("LLAMAFLOW_WORKDIR", "workspace"))
+    sm.add_argument("--host", default="127.0.0.1")
+    sm.add_argument("--port", type=int, default=8650)
+    sm.add_argument("--threads", type=int, default=None)
+    sm.add_argument("--gpu-layers", type=int, default=0)
+    sm.add_argument("--n-ctx", type=int, default=None,
+                    help="default: the GGUF's context_length")
+    sm.add_argument("--registered-model", default=None,
+                    help="the MLflow registered model (default: the registry's only one)")
+    sm.add_argument("--alias", default=None, help="default: champion, else candidate")
     for name in ("serve", "deploy"):
         s = sub.add_parser(name, help=f"Prefect deployments with schedules ({name})")
         s.add_argument("names", nargs="*", help="deployment names from conf/deploy (default all)")
@@ -420,6 +436,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_verify(args)
         if args.cmd == "review":
             return cmd_review(args)
+        if args.cmd == "serve-model":
+            from pipelines import serve as serve_model
+            return serve_model.main(args)
         return cmd_deploy(args, serve=args.cmd == "serve")
     except KeyboardInterrupt:  # the stage's MLflow runs are KILLED, its checkpoints kept
         print("\nllamaflow: interrupted; rerun the same command to resume (finished stages are "

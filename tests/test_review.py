@@ -339,6 +339,15 @@ def test_review_page_blind_scores_reach_mlflow_and_snapshot(reviewed_demo, brows
                for r in rows)
     assert set(rows[0]) == {"model", "prompt_index", "instruction", "score", "reviewer", "time"}
     assert review_snapshot(workdir) == path   # same scores, same file
+    # the scores entered in the browser reach the next report, which alone recomputes
+    from pipelines.demo import run_demo
+
+    rerun = run_demo(workdir)
+    assert {k for k, r in rerun["stages"].items() if r["cache"] != "hit"} == {"report"}
+    md = (Path(rerun["stages"]["report"]["artifact"]) / "report.md").read_text(encoding="utf-8")
+    assert f"{len(seen)} score(s) from 1 reviewer(s)" in md
+    for value, model, _ in seen.values():
+        assert f"| {model} | {float(value):.2f} | 1 | 1 |" in md
     # a further score makes another file
     model = sorted(evaluations)[0]
     assert log_scores(workdir, {model: {1: 9}}, reviewer="bob") == 1

@@ -1,0 +1,319 @@
+"""`llamaflow serve-model`: a GGUF the lifecycle made, behind an OpenAI-compatible HTTP server.
+
+The server is llama-cpp-python's `llama_cpp.server` (started as `python -m steps.judge
+--extra-buffers 0 ...`, the judge stage's launcher: llama_cpp.server's own main() with llama.cpp's
+extra CPU buffer types off, without which Llama() dies with SIGILL on this VM, and with no server
+setting read from the environment). Why that server and not llama.cpp's `llama-server`: it is
+already installed and built with the llama-cpp-python wheel the evaluate/judge stages use (the
+same libllama, so the same greedy tokens as the evaluate stage), while steps/llamacpp_tools.py
+builds llama.cpp's own tools with LLAMA_BUILD_SERVER=OFF, so there is no `llama-server` binary.
+
+The chat template: the chinese-alpaca GGUF export (steps/quantize.py, SentencePiece vocabulary)
+writes no `tokenizer.chat_template`, so for a GGUF without one the server is given the SFT
+stage's Alpaca template (steps/judge.py chinese_alpaca_chat_template, BOS first); a GGUF that
+has its own (the Llama 3 recipes) is served with it.
+
+MODEL: default the f16 GGUF of the merged model behind the registered model's `champion` alias
+(`candidate` when there is none); or a quant type (q4_k_m: that GGUF of the workspace's latest
+run), an artifact key prefix (of a quantize artifact), or a path to a .gguf.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ALIASES = ("champion", "candidate")
+
+
+class ServeError(Exception):
+    """Bad input found before the server starts: what is wrong and the fix."""
+
+
+@dataclass
+class Served:
+    path: Path
+    digest: str
+    qtype: str | None
+    n_ctx_train: int | None
+    chat_template: str | None          # the GGUF's own, or None
+    template_name: str
+    source: str                        # how MODEL was resolved
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolving MODEL
+# ---------------------------------------------------------------------------------------------
+
+def _manifests(workdir: Path, stage: str = "quantize") -> list[tuple[Path, dict]]:
+    out = []
+    for m in sorted((workdir / "artifacts" / stage).glob("*/manifest.json")):
+        with contextlib.suppress(OSError, ValueError):
+            out.append((m.parent, json.loads(m.read_text(encoding="utf-8"))))
+    return out
+
+
+def _gguf_in(art: Path) -> Path:
+    files = sorted(art.glob("*.gguf"))
+    if not files:
+        raise ServeError(f"{art} holds no .gguf file (a quantize artifact has model-<type>.gguf)")
+    return files[0]
+
+
+def _latest(workdir: Path) -> dict:
+    p = workdir / "latest.json"
+    if not p.is_file():
+        raise ServeError(f"no {p}: run `llamaflow demo --workdir {workdir}` or `llamaflow run` "
+                         "first, or pass a path to a .gguf")
+    return json.loads(p.read_text(encoding="utf-8"))
+
+
+def _quant_types(latest: dict) -> dict[str, Path]:
+    out = {}
+    for label, r in latest.get("stages", {}).items():
+        if label.startswith("quantize[") and label.endswith("]"):
+            out[label[len("quantize["):-1]] = Path(r["artifact"])
+    return out
+
+
+def _registry_digest(workdir: Path, name: str | None, alias: str | None) -> tuple[str, str, str]:
+    """(registered model, alias, merged digest) of `alias` (default champion, else candidate)."""
+    from mlflow.exceptions import MlflowException
+
+    from pipelines.tracking import Tracker
+
+    db = workdir / "mlflow.db"
+    if not os.environ.get("MLFLOW_TRACKING_URI") and not db.is_file():
+        raise ServeError(f"no MLflow database at {db}: run `llamaflow demo --workdir {workdir}` "
+                         "first, or pass a path to a .gguf")
+    client = Tracker(workdir, {}).client
+    names = [name] if name else [m.name for m in client.search_registered_models()]
+    if not names:
+        raise ServeError("the MLflow registry has no registered model (tracking.registered_model "
+                         "of the recipe); pass a quant type or a path to a .gguf instead")
+    if len(names) > 1:
+        raise ServeError(f"the registry has several registered models ({', '.join(sorted(names))}): "
+                         "pick one with --registered-model NAME")
+    tried = [alias] if alias else list(ALIASES)
+    for a in tried:
+        try:
+            v = client.get_model_version_by_alias(names[0], a)
+        except MlflowException:
+            continue
+        return names[0], a, v.tags["llamaflow.digest"]
+    raise ServeError(f"registered model {names[0]!r} has no alias {' or '.join(tried)}: "
+                     f"aliases are set by a lifecycle run that merges ({', '.join(ALIASES)}); use "
+                     "--alias candidate, a quant type or a path to a .gguf")
+
+
+def resolve(model: str | None, workdir: Path, *, registered_model: str | None = None,
+            alias: str | None = None) -> tuple[Path, str]:
+    """(the GGUF, how it was found)."""
+    if model and (model.endswith(".gguf") or os.sep in model):
+        p = Path(model).expanduser()
+        if not p.is_file():
+            raise ServeError(f"{p} is not a file: give the path of an existing .gguf")
+        return p.resolve(), "path"
+    workdir = Path(workdir).expanduser().resolve()
+    if model is None or model.startswith("alias:"):
+        alias = model.split(":", 1)[1] if model else alias
+        name, a, digest = _registry_digest(workdir, registered_model, alias)
+        for art, m in _manifests(workdir):
+            if (m.get("config") or {}).get("qtype") == "f16" and \
+                    ((m.get("inputs") or {}).get("artifacts") or {}).get("model") == digest:
+                return _gguf_in(art), f"registry {name}@{a} (merged {digest[:12]}), f16"
+        raise ServeError(f"registered model {name}@{a} (merged digest {digest[:12]}) has no f16 "
+                         f"GGUF in {workdir / 'artifacts' / 'quantize'}: run the lifecycle's "
+                         "quantize stage on it (llamaflow run ... stages=[quantize])")
+    types = _quant_types(_latest(workdir))
+    if model.lower() in types:
+        return _gguf_in(types[model.lower()]), f"latest run, quantize[{model.lower()}]"
+    hits = [art for art, m in _manifests(workdir) if m.get("key", "").startswith(model)]
+    if len(hits) == 1:
+        return _gguf_in(hits[0]), f"artifact quantize/{hits[0].name}"
+    if len(hits) > 1:
+        raise ServeError(f"artifact key prefix {model!r} matches {len(hits)} quantize artifacts: "
+                         "give more of the key")
+    raise ServeError(f"{model!r} is neither a quant type the workspace has a GGUF for (the latest "
+                     f"run made: {', '.join(sorted(types)) or 'none'}), nor a quantize artifact key "
+                     f"prefix, nor a .gguf path: pick one of those, or quantize it first "
+                     f"(quantize.types=[...,{model}])")
+
+
+# ---------------------------------------------------------------------------------------------
+# What the GGUF says
+# ---------------------------------------------------------------------------------------------
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def gguf_info(path: Path) -> dict:
+    """context_length, the chat template (or None), file type and EOS id from the GGUF header."""
+    from gguf import GGUFReader
+
+    r = GGUFReader(str(path))
+
+    def val(key):
+        f = r.fields.get(key)
+        if f is None:
+            return None
+        v = f.contents()
+        return v
+
+    arch = val("general.architecture") or "llama"
+    return {"arch": arch, "n_ctx_train": val(f"{arch}.context_length"),
+            "chat_template": val("tokenizer.chat_template"),
+            "eos_id": val("tokenizer.ggml.eos_token_id"),
+            "file_type": val("general.file_type"), "name": val("general.name")}
+
+
+def _qtype_of(path: Path) -> str | None:
+    stem = path.stem
+    return stem[len("model-"):] if stem.startswith("model-") else None
+
+
+def describe(path: Path, source: str) -> Served:
+    info = gguf_info(path)
+    own = info["chat_template"]
+    return Served(path=path, digest=sha256_file(path), qtype=_qtype_of(path),
+                  n_ctx_train=info["n_ctx_train"], chat_template=own,
+                  template_name="gguf tokenizer.chat_template" if own else
+                  "chinese-alpaca (SFT ALPACA_ZH_TEMPLATE, passed to the server: the GGUF has none)",
+                  source=source, extra=info)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks and the server
+# ---------------------------------------------------------------------------------------------
+
+def check_port(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ServeError(f"port {port} on {host} is already in use ({e.strerror}): stop what "
+                             f"listens there or pick another with --port") from None
+
+
+def check_memory(path: Path, available: int | None = None) -> None:
+    import psutil
+
+    size = path.stat().st_size
+    available = psutil.virtual_memory().available if available is None else available
+    if size > available:
+        raise ServeError(f"{path.name} is {size / 2**30:.2f} GiB but the machine has "
+                         f"{available / 2**30:.2f} GiB available: serve a smaller quant type "
+                         "(e.g. q4_k_m) or free memory")
+
+
+def server_command(served: Served, host: str, port: int, *, threads: int | None = None,
+                   gpu_layers: int = 0, n_ctx: int | None = None,
+                   template_file: Path | None = None) -> list[str]:
+    n_threads = threads or len(os.sched_getaffinity(0))
+    ctx = n_ctx or served.n_ctx_train or 512
+    args = ["--model", str(served.path), "--model_alias", served.path.name, "--host", host,
+            "--port", str(port), "--n_ctx", str(ctx), "--n_threads", str(n_threads),
+            "--n_threads_batch", str(n_threads), "--n_gpu_layers", str(gpu_layers),
+            "--interrupt_requests", "false", "--verbose", "false"]
+    if served.chat_template is None:
+        if template_file is None:
+            raise ValueError("a GGUF without a chat template needs template_file")
+        from steps.judge import chinese_alpaca_chat_template
+
+        template_file.write_text(json.dumps({"chat_template": chinese_alpaca_chat_template(),
+                                             "bos_token": "<s>", "eos_token": "</s>"}))
+        args += ["--chat_format", "hf-tokenizer-config",
+                 "--hf_tokenizer_config_path", str(template_file)]
+    return [sys.executable, "-m", "steps.judge", "--extra-buffers", "0", *args]
+
+
+def prepare(model: str | None, workdir: Path, host: str, port: int, *,
+            registered_model: str | None = None, alias: str | None = None) -> Served:
+    """Every check that can fail before the server starts (ServeError with the fix)."""
+    path, source = resolve(model, workdir, registered_model=registered_model, alias=alias)
+    check_memory(path)
+    check_port(host, port)
+    return describe(path, source)
+
+
+def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"llama_cpp.server exited with {proc.returncode} before it was ready")
+        with contextlib.suppress(requests.RequestException):
+            if requests.get(base + "/models", timeout=2).status_code == 200:
+                return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"llama_cpp.server not ready at {base} within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def main(args) -> int:
+    """The serve-model subcommand: checks, the banner, then the server in the foreground until
+    Ctrl-C (it is stopped by PID, its process group, on the way out)."""
+    import tempfile
+
+    from steps.judge import stop_process_group
+
+    try:
+        served = prepare(args.model, Path(args.workdir), args.host, args.port,
+                         registered_model=args.registered_model, alias=args.alias)
+    except ServeError as e:
+        print(f"llamaflow serve-model: {e}", file=sys.stderr)
+        return 2
+    tmp = Path(tempfile.mkdtemp(prefix="llamaflow-serve-"))
+    cmd = server_command(served, args.host, args.port, threads=args.threads,
+                         gpu_layers=args.gpu_layers, n_ctx=args.n_ctx,
+                         template_file=tmp / "chat_template.json")
+    ctx = args.n_ctx or served.n_ctx_train or 512
+    base = f"http://{args.host}:{args.port}/v1"
+    env = {k: v for k, v in os.environ.items() if k not in ("API_KEY", "OPENAI_API_KEY")}
+    proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+
+    def _term(signum, frame):   # SIGTERM (a stop by PID) stops the server too, via finally
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _term)
+    try:
+        wait_ready(base, proc)
+        print(f"llamaflow serve-model: {base}  (OpenAI-compatible; health: GET {base}/models; "
+              "Ctrl-C stops it)\n"
+              f"  server pid:    {proc.pid}\n"
+              f"  model:         {served.path}\n"
+              f"  sha256:        {served.digest}\n"
+              f"  quant type:    {served.qtype or '?'}\n"
+              f"  from:          {served.source}\n"
+              f"  n_ctx:         {ctx}" + ("" if args.n_ctx else " (the GGUF's context_length)") +
+              f"\n  chat template: {served.template_name}\n"
+              f"  EOS id:        {served.extra.get('eos_id')} (generation stops there)",
+              flush=True)
+        return proc.wait()
+    except KeyboardInterrupt:
+        print("\nllamaflow serve-model: stopped", file=sys.stderr)
+        return 0
+    except RuntimeError as e:
+        print(f"llamaflow serve-model: {e}", file=sys.stderr)
+        return 1
+    finally:
+        stop_process_group(proc)
+        with contextlib.suppress(OSError):
+            for f in tmp.iterdir():
+                f.unlink()
+            tmp.rmdir()

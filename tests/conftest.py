@@ -79,8 +79,12 @@ def demo_servers(tmp_path_factory):
     """Postgres + `prefect server` + `mlflow server` on 127.0.0.1 and one `llamaflow demo` run
     against them (tests/servers.py), shared by test_servers.py and test_browser.py; every server
     is stopped by PID at the end of the session."""
+    from steps.llamacpp_tools import ensure_built
     from tests.servers import demo_on_servers
 
+    # llama.cpp's tools (minutes to build on a cold cache) before the servers and the demo's
+    # time limit start: the limit is for the demo, not for compiling
+    ensure_built()
     with demo_on_servers(tmp_path_factory.mktemp("servers")) as state:
         yield state
 

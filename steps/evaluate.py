@@ -769,9 +769,8 @@ def run(config: Config, out_dir: Path, *, on_metrics: MetricsCallback | None = N
     prompts = load_prompts(Path(config.prompts)) if config.prompts else []
     mc_sets = read_mc_sets(config)
 
-    # a GGUF context also has to hold prompt + answer, and the longest multiple-choice prompt;
-    # each perplexity chunk still starts afresh
-    n_ctx = max(config.n_ctx, 512 if prompts else 0, config.mc_n_ctx if mc_sets else 0)
+    # a GGUF context also has to hold prompt + answer; each perplexity chunk still starts afresh
+    n_ctx = max(config.n_ctx, 512 if prompts else 0)
     m = load(model, adapters, n_ctx=n_ctx, n_threads=config.n_threads, device=config.device,
              dtype=config.dtype, extra_buffers=config.extra_buffers, flash_attn=config.flash_attn)
     ref = None
@@ -916,6 +915,17 @@ def _score_mc(config: Config, m, mc_sets: dict, out_dir: Path) -> tuple[dict, di
     pick and the four scores go to mc_answers.jsonl."""
     from steps.mc import evaluate_set
 
+    if m.kind == "gguf" and m.n_ctx < config.mc_n_ctx:
+        # a context of its own for the long few-shot prompts: opening the perplexity context
+        # larger would move llama.cpp's numbers away from llama-perplexity's at -c n_ctx
+        # (stories260K q8_0 by 1.3e-3); the weights are mmap'd, so the second copy costs little
+        mc_model = GGUFModel(m.path, n_ctx=config.mc_n_ctx, n_threads=config.n_threads,
+                             device=config.device, extra_buffers=config.extra_buffers,
+                             flash_attn=config.flash_attn)
+        try:
+            return _score_mc(config, mc_model, mc_sets, out_dir)
+        finally:
+            mc_model.close()
     n_ctx = getattr(m, "n_ctx", None)  # a GGUF's opened context; HF models take any length
     out, flat, seconds = {}, {}, {}
     with open(out_dir / "mc_answers.jsonl", "w", encoding="utf-8") as f:

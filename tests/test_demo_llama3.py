@@ -17,7 +17,7 @@ llama_models = pytest.importorskip("llama_models",
 
 DEMO_DATA = Path(__file__).resolve().parents[1] / "pipelines" / "demo_data"
 STAGES = {"download", "convert", "vocab", "pretrain", "sft", "merge", "quantize[f16]",
-          "quantize[q8_0]", "speed[f16]", "speed[q8_0]", "report"} | {f"evaluate[{m}]" for m in (
+          "quantize[q8_0]", "speed[f16]", "speed[q8_0]", "judge", "report"} | {f"evaluate[{m}]" for m in (
               "base", "base-zh", "base-zh+pt", "merged", "gguf-f16", "gguf-q8_0")}
 # The merged model's perplexity on the demo texts (fp32 CPU training, random start, so near the
 # 128K vocabulary's size). A change that moves one of these must change it here, saying why.

@@ -6,6 +6,7 @@ is an error there, never a silent skip.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -89,15 +90,36 @@ def demo_servers(tmp_path_factory):
         yield state
 
 
+@pytest.fixture(autouse=True)
+def _no_event_loop_left_running():
+    """A test that leaves an asyncio loop running in the main thread (an open Playwright, say)
+    makes Prefect's sync-or-async calls in every later test return coroutines: fail it here,
+    where the cause is, rather than there."""
+    import asyncio
+
+    yield
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:   # none running: what every test must leave
+        return
+    pytest.fail(f"the test left an asyncio loop running in the main thread: {loop!r}")
+
+
 CHROMIUM = os.environ.get("LLAMAFLOW_CHROMIUM", "/usr/bin/chromium")
 LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                "--disable-component-update", "--disable-sync", "--no-first-run"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def browser():
-    """Headless Chromium (Debian's, driven by Playwright) for the browser tests; a skip with the
-    reason where it is missing (an error under CI=true)."""
+    """Headless Chromium (Debian's, driven by Playwright) for the browser tests, as a context
+    manager to open where the test drives pages: `with browser() as b: ...`. A skip with the
+    reason where it is missing (an error under CI=true).
+
+    Why not an open browser for the whole session: Playwright's sync API keeps its asyncio loop
+    running in the test's thread while it is open, and Prefect's sync-or-async functions then see
+    a running loop and hand back coroutines, so every later test that reads a deployment or runs
+    a flow in the same process failed."""
     import shutil
 
     try:
@@ -111,7 +133,14 @@ def browser():
         if os.environ.get("CI") == "true":
             pytest.fail(msg)
         pytest.skip(msg)
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
-        yield b
-        b.close()
+
+    @contextlib.contextmanager
+    def open_browser():
+        with sync_playwright() as p:
+            b = p.chromium.launch(executable_path=CHROMIUM, args=LAUNCH_ARGS)
+            try:
+                yield b
+            finally:
+                b.close()
+
+    return open_browser

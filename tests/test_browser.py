@@ -50,39 +50,42 @@ def test_mlflow_ui_shows_parent_with_nested_stage_runs(browser, demo):
     parent = s.mlflow.api("GET", f"runs/get?run_id={parent_id}")["run"]
     exp = parent["info"]["experiment_id"]
     parent_name = parent["info"]["run_name"]
-    page = _page(browser)
-    page.goto(f"{s.mlflow.url}/#/experiments/{exp}/runs")
-    # Nested runs are grouped under their parent, collapsed: the button in the parent's
-    # run-name cell expands them.
-    cell = page.locator("[role=gridcell][col-id='attributes.`Run Name`']", has_text=parent_name).first
-    cell.wait_for()
-    assert page.get_by_text(sorted(latest["stages"])[0], exact=True).count() == 0  # collapsed
-    cell.locator("button").first.click()
-    for label in sorted(latest["stages"]):
-        page.get_by_text(label, exact=True).first.wait_for()
-    with contextlib.suppress(PlaywrightError):  # the assistant side panel, when shown
-        page.get_by_role("button", name=re.compile("close", re.I)).first.click(timeout=3000)
-    IMG.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(IMG / "mlflow-nested-runs.png"), full_page=True)
-    # and the parent's own page names its stage table artifact
-    page.goto(f"{s.mlflow.url}/#/experiments/{exp}/runs/{parent_id}/artifacts")
-    page.get_by_text("stages.json").first.wait_for()
-    page.close()
+    with browser() as b:
+        page = _page(b)
+        page.goto(f"{s.mlflow.url}/#/experiments/{exp}/runs")
+        # Nested runs are grouped under their parent, collapsed: the button in the parent's
+        # run-name cell expands them.
+        cell = page.locator("[role=gridcell][col-id='attributes.`Run Name`']",
+                            has_text=parent_name).first
+        cell.wait_for()
+        assert page.get_by_text(sorted(latest["stages"])[0], exact=True).count() == 0  # collapsed
+        cell.locator("button").first.click()
+        for label in sorted(latest["stages"]):
+            page.get_by_text(label, exact=True).first.wait_for()
+        with contextlib.suppress(PlaywrightError):  # the assistant side panel, when shown
+            page.get_by_role("button", name=re.compile("close", re.I)).first.click(timeout=3000)
+        IMG.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(IMG / "mlflow-nested-runs.png"), full_page=True)
+        # and the parent's own page names its stage table artifact
+        page.goto(f"{s.mlflow.url}/#/experiments/{exp}/runs/{parent_id}/artifacts")
+        page.get_by_text("stages.json").first.wait_for()
+        page.close()
 
 
 def test_prefect_ui_shows_flow_run_with_task_runs(browser, demo):
     s, latest = demo
     runs = s.prefect.api("POST", "flow_runs/filter", json={"flows": {"name": {"any_": ["lifecycle"]}}})
     run = runs[0]
-    page = _page(browser)
-    page.goto(f"{s.prefect.ui_url}/runs/flow-run/{run['id']}")
-    page.get_by_text(run["name"]).first.wait_for()
-    page.get_by_text("Completed").first.wait_for()
-    page.get_by_text(f"{len(latest['stages'])} Task runs").first.wait_for()
-    page.get_by_text("Task Runs", exact=True).first.click()
-    # every stage's task run (named <label>-<suffix>) is listed
-    for label in sorted(latest["stages"]):
-        page.get_by_text(re.compile("^" + re.escape(label) + "-[0-9a-f]+$")).first.wait_for()
-    IMG.mkdir(parents=True, exist_ok=True)
-    page.screenshot(path=str(IMG / "prefect-flow-run.png"), full_page=True)
-    page.close()
+    with browser() as b:
+        page = _page(b)
+        page.goto(f"{s.prefect.ui_url}/runs/flow-run/{run['id']}")
+        page.get_by_text(run["name"]).first.wait_for()
+        page.get_by_text("Completed").first.wait_for()
+        page.get_by_text(f"{len(latest['stages'])} Task runs").first.wait_for()
+        page.get_by_text("Task Runs", exact=True).first.click()
+        # every stage's task run (named <label>-<suffix>) is listed
+        for label in sorted(latest["stages"]):
+            page.get_by_text(re.compile("^" + re.escape(label) + "-[0-9a-f]+$")).first.wait_for()
+        IMG.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(IMG / "prefect-flow-run.png"), full_page=True)
+        page.close()

@@ -285,38 +285,39 @@ def test_review_page_blind_scores_reach_mlflow_and_snapshot(reviewed_demo, brows
         assert code == 400 and "reviewer" in body
         assert _n_assessments(tracker, evaluations) == before
 
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.set_default_timeout(60_000)
-        page.goto(url)
-        section = page.locator("section[data-prompt='0']")
-        section.wait_for()
-        # blind: no model label outside the answers' own text
-        chrome = page.evaluate("""() => { const b = document.body.cloneNode(true);
-            b.querySelectorAll('.answer').forEach(e => e.remove()); return b.innerText; }""")
-        html_text = page.content()
-        for model in evaluations:
-            assert model not in chrome, model
-            assert f"evaluate[{model}]" not in html_text
-        assert page.locator("#reviewer").input_value() == "alice"
-        inputs = section.locator("input[type=number]")
-        n = inputs.count()
-        assert n == len(evaluations)
-        assert section.get_by_text(f"Answer {n}", exact=True).count() == 1
-        given = {}
-        for k in range(n):
-            field = inputs.nth(k)
-            score = min(10, 3 + k)
-            field.fill(str(score))
-            given[field.get_attribute("name")[len("score:"):]] = score
-        order = [inputs.nth(k).get_attribute("name") for k in range(n)]
-        page.locator("#reviewer").fill("alice")
-        page.locator("#submit").click()
-        page.locator("#saved").wait_for()
-        assert f"Saved {n} assessment(s)" in page.locator("#saved").inner_text()
-        page.goto(url)   # a reload shows the same order
-        again = page.locator("section[data-prompt='0'] input[type=number]")
-        assert [again.nth(k).get_attribute("name") for k in range(n)] == order
-        page.close()
+        with browser() as b:
+            page = b.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(60_000)
+            page.goto(url)
+            section = page.locator("section[data-prompt='0']")
+            section.wait_for()
+            # blind: no model label outside the answers' own text
+            chrome = page.evaluate("""() => { const b = document.body.cloneNode(true);
+                b.querySelectorAll('.answer').forEach(e => e.remove()); return b.innerText; }""")
+            html_text = page.content()
+            for model in evaluations:
+                assert model not in chrome, model
+                assert f"evaluate[{model}]" not in html_text
+            assert page.locator("#reviewer").input_value() == "alice"
+            inputs = section.locator("input[type=number]")
+            n = inputs.count()
+            assert n == len(evaluations)
+            assert section.get_by_text(f"Answer {n}", exact=True).count() == 1
+            given = {}
+            for k in range(n):
+                field = inputs.nth(k)
+                score = min(10, 3 + k)
+                field.fill(str(score))
+                given[field.get_attribute("name")[len("score:"):]] = score
+            order = [inputs.nth(k).get_attribute("name") for k in range(n)]
+            page.locator("#reviewer").fill("alice")
+            page.locator("#submit").click()
+            page.locator("#saved").wait_for()
+            assert f"Saved {n} assessment(s)" in page.locator("#saved").inner_text()
+            page.goto(url)   # a reload shows the same order
+            again = page.locator("section[data-prompt='0'] input[type=number]")
+            assert [again.nth(k).get_attribute("name") for k in range(n)] == order
+            page.close()
 
     # in MLflow: one human_score per answer of prompt 0, source HUMAN/alice, the value entered
     seen = {}

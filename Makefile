@@ -5,6 +5,14 @@ VENV       ?= .venv
 PY         := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# llama-cpp-python builds from source; without these flags it compiles for the host's own CPU
+# (GGML_NATIVE), and its float results then follow the machine: the pinned stories260K GGUF
+# perplexities moved by up to 1.3e-3 between an AVX-512 Intel and an AVX-512 AMD host. A fixed
+# x86-64-v3 instruction set (AVX2, FMA, F16C, BMI2) runs the same kernels, so gives the same bits,
+# on every x86 machine. Set LLAMA_CPP_CMAKE_ARGS= (empty) for a native, faster build.
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+endif
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PYTHONUNBUFFERED := 1
 
@@ -16,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[dev]"
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
 demo: install

@@ -61,12 +61,12 @@ def start_ours(gguf: Path, port: int, threads: int):
 
 
 def start_direct(gguf: Path, port: int, threads: int, template: Path):
-    """`python -m llama_cpp.server` itself, with the same settings and template (the GGUF has
-    none); not through steps.judge's launcher, so llama.cpp's extra CPU buffers keep their
+    """`python -m llama_cpp.server` itself, with the same settings and the SFT template (the one a
+    lifecycle GGUF carries, given explicitly so a GGUF without one is served alike); not through steps.judge's launcher, so llama.cpp's extra CPU buffers keep their
     default (on): the one setting that differs from ours."""
-    from steps.judge import chinese_alpaca_chat_template
+    from steps.sft import chat_template
 
-    template.write_text(json.dumps({"chat_template": chinese_alpaca_chat_template(),
+    template.write_text(json.dumps({"chat_template": chat_template(),
                                     "bos_token": "<s>", "eos_token": "</s>"}))
     cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--host", "127.0.0.1",
            "--port", str(port), "--n_ctx", "512", "--n_threads", str(threads),

@@ -412,6 +412,12 @@ def main(argv: list[str] | None = None) -> int:
     sm.add_argument("--registered-model", default=None,
                     help="the MLflow registered model (default: the registry's only one)")
     sm.add_argument("--alias", default=None, help="default: champion, else candidate")
+    sm.add_argument("--lora", default=None, metavar="ADAPTER",
+                    help="serve this peft LoRA adapter (a directory, or pt / sft: the latest "
+                         "run's) on MODEL, unmerged, exported with llama.cpp's converter; an "
+                         "adapter with modules_to_save is refused with the reason")
+    sm.add_argument("--lora-base", default=None, metavar="HF_DIR",
+                    help="the HF model dir the adapter was trained on (its config.json)")
     for name in ("serve", "deploy"):
         s = sub.add_parser(name, help=f"Prefect deployments with schedules ({name})")
         s.add_argument("names", nargs="*", help="deployment names from conf/deploy (default all)")

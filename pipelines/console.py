@@ -109,4 +109,21 @@ def summary(result: dict, title: str | None = None) -> str:
         lines.append("Prefect:   a temporary server (stopped with the run); set PREFECT_API_URL "
                      "to keep flow runs in a Prefect UI")
     lines.append(f"latest:    {workdir / 'latest.json'}")
+    chat = _chat_hint(result)
+    if chat:
+        lines.append(chat)
     return "\n".join(lines)
+
+
+def _chat_hint(result: dict) -> str | None:
+    """How to talk to the model the run made: serve its GGUF (f16 when there is one, the model
+    the evaluate stage's generations came from) and point any OpenAI client at it."""
+    qtypes = [label[len("quantize["):-1] for label in result["stages"]
+              if label.startswith("quantize[")]
+    if not qtypes:
+        return None
+    qtype = "f16" if "f16" in qtypes else qtypes[0]
+    return (f"chat:      `llamaflow serve-model {qtype} --workdir {result['workdir']}`, then any "
+            "OpenAI client on http://127.0.0.1:8650/v1 (e.g. curl http://127.0.0.1:8650/v1/chat/"
+            "completions -H 'Content-Type: application/json' -d '{\"messages\": [{\"role\": "
+            "\"user\", \"content\": \"你好\"}]}')")

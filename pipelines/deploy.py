@@ -42,7 +42,19 @@ DEPLOY_CONFIG = "deploy/default"
 SHIPPED_WORKDIR = "${oc.env:LLAMAFLOW_WORKDIR,workspace}"
 # A URL anywhere in an override string (`source.url=https://...`, `tracking.tracking_uri=...`).
 _URL = re.compile(r"""[A-Za-z][\w+.-]*://[^\s'"\],]+""")
-_DEPLOYMENT_KEYS = {"description", "pool", "cron", "timezone", "overrides", "from_stage", "tags"}
+_DEPLOYMENT_KEYS = {"description", "pool", "cron", "timezone", "overrides", "from_stage", "tags",
+                    "flow", "parameters"}
+# The flows a deployment can run (its `flow`, default lifecycle): module and name.
+FLOWS = {"lifecycle": ("pipelines.lifecycle", "lifecycle"),
+         "serve-champion": ("pipelines.serve_champion", "serve_champion")}
+
+
+def flow_of(d: dict):
+    """The Prefect flow object deployment `d` runs."""
+    import importlib
+
+    module, name = FLOWS[d.get("flow") or "lifecycle"]
+    return getattr(importlib.import_module(module), name)
 # Variables of the deploying shell that flow runs of serve and process pools get too: where
 # they track and share (docker/kubernetes pods get theirs from the job template).
 RUN_ENV_PASSED = ("MLFLOW_TRACKING_URI", "LLAMAFLOW_REMOTE")
@@ -77,6 +89,14 @@ def _check(cfg: dict) -> None:
         if unknown:
             raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; "
                              f"the keys are {sorted(_DEPLOYMENT_KEYS)}")
+        kind = d.get("flow") or "lifecycle"
+        if kind not in FLOWS:
+            raise ValueError(f"{where}.flow={kind!r}: the flows are {sorted(FLOWS)}")
+        if kind != "lifecycle":
+            _check_flow_parameters(where, d)
+        elif d.get("parameters"):
+            raise ValueError(f"{where}.parameters: a lifecycle deployment takes `overrides` and "
+                             "`from_stage`, not `parameters`")
         if d.get("pool") not in pools:
             raise ValueError(f"{where}.pool={d.get('pool')!r} is not one of the pools "
                              f"{sorted(pools)} (conf/deploy/default.yaml: pools)")
@@ -95,6 +115,24 @@ def _check(cfg: dict) -> None:
         if tpl and not Path(tpl).is_file():
             raise ValueError(f"conf/deploy/default.yaml: pools.{name}.base_job_template: no file "
                              f"at {tpl}")
+
+
+def _check_flow_parameters(where: str, d: dict) -> None:
+    """A non-lifecycle deployment: `parameters` names arguments of its flow, and the lifecycle's
+    own keys are not given."""
+    import inspect
+
+    for key in ("overrides", "from_stage"):
+        if d.get(key):
+            raise ValueError(f"{where}.{key}: flow {d['flow']!r} takes `parameters`, not {key}")
+    params = d.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ValueError(f"{where}.parameters must be a mapping of the flow's arguments")
+    known = set(inspect.signature(flow_of(d).fn).parameters)
+    unknown = set(params) - known
+    if unknown:
+        raise ValueError(f"{where}.parameters: unknown argument(s) {sorted(unknown)} of flow "
+                         f"{d['flow']!r}; its arguments are {sorted(known)}")
 
 
 def holds_secret(uri: str) -> bool:
@@ -151,7 +189,10 @@ def _selected(cfg: dict, names: list[str] | None) -> dict[str, dict]:
 
 def parameters(d: dict, cfg: dict | None = None) -> dict:
     """The flow-run parameters a deployment starts with (editable per run in the UI): the
-    config's base_overrides, then the deployment's own overrides."""
+    config's base_overrides, then the deployment's own overrides; for another flow, its
+    `parameters`."""
+    if (d.get("flow") or "lifecycle") != "lifecycle":
+        return dict(d.get("parameters") or {})
     base = list((cfg or {}).get("base_overrides") or [])
     return {"overrides": base + list(d.get("overrides") or []), "from_stage": d.get("from_stage")}
 
@@ -263,15 +304,13 @@ def describe(cfg: dict, names: list[str] | None = None, *, for_work_pools: bool 
 
 def deployments(cfg: dict, names: list[str] | None = None, *, for_work_pools: bool = False,
                 pools: dict[str, dict] | None = None, explicit_workdir: bool = False) -> list:
-    """RunnerDeployments of the lifecycle flow, one per entry of cfg["deployments"] (or `names`).
+    """RunnerDeployments of their flows (the lifecycle's, or `flow`), one per entry of cfg["deployments"] (or `names`).
 
     for_work_pools=True sets each deployment's work pool and job variables (for `deploy`; the
     pools' types and templates from `pools`, as the server has them, else from conf/deploy);
     otherwise they are for `serve` (this process runs them, in its environment)."""
     from prefect.deployments.runner import EntrypointType
     from prefect.schedules import Cron
-
-    from pipelines.lifecycle import lifecycle
 
     out = []
     for name, d in _selected(cfg, names).items():
@@ -290,7 +329,7 @@ def deployments(cfg: dict, names: list[str] | None = None, *, for_work_pools: bo
             pool = (pools or {}).get(d["pool"]) or configured_pool(cfg, d["pool"])
             kwargs.update(work_pool_name=d["pool"],
                           job_variables=job_variables(cfg, pool, explicit_workdir))
-        out.append(lifecycle.to_deployment(**kwargs))
+        out.append(flow_of(d).to_deployment(**kwargs))
     return out
 
 

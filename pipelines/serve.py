@@ -8,10 +8,11 @@ already installed and built with the llama-cpp-python wheel the evaluate/judge s
 same libllama, so the same greedy tokens as the evaluate stage), while steps/llamacpp_tools.py
 builds llama.cpp's own tools with LLAMA_BUILD_SERVER=OFF, so there is no `llama-server` binary.
 
-The chat template: the chinese-alpaca GGUF export (steps/quantize.py, SentencePiece vocabulary)
-writes no `tokenizer.chat_template`, so for a GGUF without one the server is given the SFT
-stage's Alpaca template (steps/judge.py chinese_alpaca_chat_template, BOS first); a GGUF that
-has its own (the Llama 3 recipes) is served with it.
+The chat template: the SFT stage saves its prompt template as the tokenizer's chat template
+(steps/sft.py chat_template), so the merged model's GGUF carries it in `tokenizer.chat_template`
+and the server (or any llama.cpp client) builds the SFT prompt from a chat message. A GGUF
+without one (base models, or a file exported before SFT saved it) is served with the default
+Alpaca template passed to the server.
 
 MODEL: default the f16 GGUF of the merged model behind the registered model's `champion` alias
 (`candidate` when there is none); or a quant type (q4_k_m: that GGUF of the workspace's latest
@@ -48,6 +49,8 @@ class Served:
     template_name: str
     source: str                        # how MODEL was resolved
     extra: dict = field(default_factory=dict)
+    lora_path: Path | None = None      # a GGUF LoRA adapter applied on top (unmerged)
+    lora_source: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,7 +165,8 @@ def sha256_file(path: Path) -> str:
 
 
 def gguf_info(path: Path) -> dict:
-    """context_length, the chat template (or None), file type and EOS id from the GGUF header."""
+    """context_length, vocabulary size, the chat template (or None), file type and EOS id from
+    the GGUF header."""
     from gguf import GGUFReader
 
     r = GGUFReader(str(path))
@@ -175,7 +179,8 @@ def gguf_info(path: Path) -> dict:
         return v
 
     arch = val("general.architecture") or "llama"
-    return {"arch": arch, "n_ctx_train": val(f"{arch}.context_length"),
+    tokens = r.fields.get("tokenizer.ggml.tokens")
+    return {"arch": arch, "n_vocab": len(tokens.data) if tokens is not None else None, "n_ctx_train": val(f"{arch}.context_length"),
             "chat_template": val("tokenizer.chat_template"),
             "eos_id": val("tokenizer.ggml.eos_token_id"),
             "file_type": val("general.file_type"), "name": val("general.name")}
@@ -229,12 +234,14 @@ def server_command(served: Served, host: str, port: int, *, threads: int | None 
             "--port", str(port), "--n_ctx", str(ctx), "--n_threads", str(n_threads),
             "--n_threads_batch", str(n_threads), "--n_gpu_layers", str(gpu_layers),
             "--interrupt_requests", "false", "--verbose", "false"]
+    if served.lora_path is not None:
+        args += ["--lora_path", str(served.lora_path)]
     if served.chat_template is None:
         if template_file is None:
             raise ValueError("a GGUF without a chat template needs template_file")
-        from steps.judge import chinese_alpaca_chat_template
+        from steps.sft import chat_template
 
-        template_file.write_text(json.dumps({"chat_template": chinese_alpaca_chat_template(),
+        template_file.write_text(json.dumps({"chat_template": chat_template(),
                                              "bos_token": "<s>", "eos_token": "</s>"}))
         args += ["--chat_format", "hf-tokenizer-config",
                  "--hf_tokenizer_config_path", str(template_file)]
@@ -242,12 +249,66 @@ def server_command(served: Served, host: str, port: int, *, threads: int | None 
 
 
 def prepare(model: str | None, workdir: Path, host: str, port: int, *,
-            registered_model: str | None = None, alias: str | None = None) -> Served:
+            registered_model: str | None = None, alias: str | None = None,
+            lora: str | None = None, lora_base: str | None = None) -> Served:
     """Every check that can fail before the server starts (ServeError with the fix)."""
     path, source = resolve(model, workdir, registered_model=registered_model, alias=alias)
     check_memory(path)
     check_port(host, port)
-    return describe(path, source)
+    served = describe(path, source)
+    if lora is not None:
+        served.lora_path, served.lora_source = lora_gguf(lora, lora_base, served, Path(workdir))
+    return served
+
+
+def _adapter_dir(lora: str, workdir: Path) -> Path:
+    stage = {"pt": "pretrain", "pretrain": "pretrain", "sft": "sft"}.get(lora)
+    if stage is None:
+        p = Path(lora).expanduser()
+        if not p.is_dir():
+            raise ServeError(f"--lora {lora}: not a directory, nor pt / sft (the latest run's "
+                             "adapters): give a peft adapter directory")
+        return p.resolve()
+    latest = _latest(Path(workdir).expanduser().resolve())
+    if stage not in latest["stages"]:
+        raise ServeError(f"--lora {lora}: the latest run has no {stage} stage")
+    return Path(latest["stages"][stage]["artifact"])
+
+
+def lora_gguf(lora: str, lora_base: str | None, served: Served, workdir: Path) -> tuple[Path, str]:
+    """The adapter `lora` as a GGUF LoRA adapter for the served base (exported once, kept in
+    <workdir>/serving/lora/), after the checks: it holds LoRA pairs only, its vocabulary is the
+    base GGUF's, and the HF base it was trained on is given."""
+    from steps import lora_gguf as L
+    from steps.checks import tokenizer_size
+    from steps.tokenizer import carries_tokenizer
+
+    adapter = _adapter_dir(lora, workdir)
+    problem = L.lora_problem(adapter)
+    if problem:
+        raise ServeError(problem)
+    n_vocab = served.extra.get("n_vocab")
+    if carries_tokenizer(adapter) and n_vocab is not None:
+        rows = tokenizer_size(adapter)[0]
+        if rows != n_vocab:
+            raise ServeError(f"{adapter}: the adapter's tokenizer has {rows} tokens but "
+                             f"{served.path.name} has {n_vocab}: it was trained on another "
+                             "model; serve it on the GGUF of its own base")
+    if lora_base is None:
+        raise ServeError("--lora needs --lora-base HF_DIR: the HF model dir the adapter was "
+                         "trained on (llama.cpp's converter reads its config.json)")
+    base = Path(lora_base).expanduser()
+    if not (base / "config.json").is_file():
+        raise ServeError(f"--lora-base {base}: no config.json there; give the HF model dir the "
+                         "adapter was trained on")
+    out = Path(workdir).expanduser() / "serving" / "lora" / \
+        f"{L.export_key(adapter, base, 'f32')}.gguf"
+    if not out.is_file():
+        try:
+            L.export_lora(adapter, base, out, "f32")
+        except (RuntimeError, ValueError) as e:
+            raise ServeError(str(e)) from None
+    return out, str(adapter)
 
 
 def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -274,7 +335,8 @@ def main(args) -> int:
 
     try:
         served = prepare(args.model, Path(args.workdir), args.host, args.port,
-                         registered_model=args.registered_model, alias=args.alias)
+                         registered_model=args.registered_model, alias=args.alias,
+                         lora=args.lora, lora_base=args.lora_base)
     except ServeError as e:
         print(f"llamaflow serve-model: {e}", file=sys.stderr)
         return 2
@@ -301,7 +363,9 @@ def main(args) -> int:
               f"  quant type:    {served.qtype or '?'}\n"
               f"  from:          {served.source}\n"
               f"  n_ctx:         {ctx}" + ("" if args.n_ctx else " (the GGUF's context_length)") +
-              f"\n  chat template: {served.template_name}\n"
+              f"\n  chat template: {served.template_name}\n" +
+              (f"  LoRA adapter:  {served.lora_source} (as {served.lora_path})\n"
+               if served.lora_path else "") +
               f"  EOS id:        {served.extra.get('eos_id')} (generation stops there)",
               flush=True)
         return proc.wait()
@@ -317,3 +381,139 @@ def main(args) -> int:
             for f in tmp.iterdir():
                 f.unlink()
             tmp.rmdir()
+
+
+# ---------------------------------------------------------------------------------------------
+# serve-champion: keep the registered model's alias served (the Prefect deployment's flow)
+# ---------------------------------------------------------------------------------------------
+
+SERVING_TAG = "llamaflow.serving_url"
+
+
+def _serving_dir(workdir: Path) -> Path:
+    return Path(workdir) / "serving"
+
+
+def _read_state(path: Path) -> dict | None:
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads(path.read_text(encoding="utf-8"))
+    return None
+
+
+def _serves(pid: int, gguf: str) -> bool:
+    """Whether process `pid` is alive and is a server of `gguf` (a PID the kernel has given to
+    another program since is not ours to stop)."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return gguf.encode() in cmdline
+
+
+def _stop_pid(pid: int, timeout: float = 15) -> None:
+    """Stop the server's process group by PID: SIGTERM, then SIGKILL."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, sig)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+            time.sleep(0.1)
+
+
+def _healthy(url: str) -> bool:
+    import requests
+
+    with contextlib.suppress(requests.RequestException):
+        return requests.get(url + "/models", timeout=5).status_code == 200
+    return False
+
+
+@contextlib.contextmanager
+def _serving_lock(workdir: Path, alias: str):
+    """One reconcile per alias at a time (two scheduled runs must not start two servers)."""
+    import fcntl
+
+    d = _serving_dir(workdir)
+    d.mkdir(parents=True, exist_ok=True)
+    with open(d / f"{alias}.lock", "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _tag(client, name: str, version: str, url: str | None) -> None:
+    from mlflow.exceptions import MlflowException
+
+    with contextlib.suppress(MlflowException):
+        if url is None:
+            client.delete_model_version_tag(name, version, SERVING_TAG)
+        else:
+            client.set_model_version_tag(name, version, SERVING_TAG, url)
+
+
+def _stop_state(client, state: dict | None) -> None:
+    if not state:
+        return
+    if _serves(state["pid"], state["path"]):
+        _stop_pid(state["pid"])
+    _tag(client, state["registered_model"], state["version"], None)
+
+
+def reconcile(workdir: Path, *, alias: str = "champion", host: str = "127.0.0.1",
+              port: int = 8650, registered_model: str | None = None, threads: int | None = None,
+              gpu_layers: int = 0, n_ctx: int | None = None, stop: bool = False,
+              startup_timeout: float = 180) -> dict:
+    """Make what is served on host:port the f16 GGUF of the registered model's `alias` version.
+
+    Unchanged (same version, its server alive and answering): nothing is done. Otherwise the
+    server started before (its PID in <workdir>/serving/<alias>.json) is stopped and its version
+    loses the `llamaflow.serving_url` tag, then the alias's GGUF is started detached (it outlives
+    the flow run; its output in serving/<alias>.log) and, once it answers, its version gets the
+    tag with the URL. stop=True only stops. Returns {"action": unchanged|started|restarted|
+    stopped|none, ...}."""
+    from pipelines.tracking import Tracker
+
+    workdir = Path(workdir).expanduser().resolve()
+    d = _serving_dir(workdir)
+    state_file = d / f"{alias}.json"
+    with _serving_lock(workdir, alias):
+        state = _read_state(state_file)
+        client = Tracker(workdir, {}).client
+        if stop:
+            _stop_state(client, state)
+            state_file.unlink(missing_ok=True)
+            return {"action": "stopped" if state else "none", "alias": alias}
+        name, a, digest = _registry_digest(workdir, registered_model, alias)
+        version = str(client.get_model_version_by_alias(name, a).version)
+        url = f"http://{host}:{port}/v1"
+        if state and state["version"] == version and state["url"] == url and \
+                _serves(state["pid"], state["path"]) and _healthy(url):
+            return {"action": "unchanged", **state}
+        _stop_state(client, state)
+        state_file.unlink(missing_ok=True)
+        served = prepare(f"alias:{a}", workdir, host, port, registered_model=name)
+        cmd = server_command(served, host, port, threads=threads, gpu_layers=gpu_layers,
+                             n_ctx=n_ctx, template_file=d / f"{alias}.chat_template.json")
+        env = {k: v for k, v in os.environ.items() if k not in ("API_KEY", "OPENAI_API_KEY")}
+        with open(d / f"{alias}.log", "ab") as log:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        try:
+            wait_ready(url, proc, startup_timeout)
+        except RuntimeError as e:
+            _stop_pid(proc.pid)
+            raise RuntimeError(f"{e}; its output is in {d / (alias + '.log')}") from None
+        new = {"alias": a, "registered_model": name, "version": version, "digest": digest,
+               "path": str(served.path), "sha256": served.digest, "url": url, "pid": proc.pid,
+               "started": time.time()}
+        tmp = state_file.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(new, indent=2), encoding="utf-8")
+        tmp.replace(state_file)
+        _tag(client, name, version, url)
+        return {"action": "restarted" if state else "started", **new}
+

@@ -49,7 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from steps import MetricsCallback, Stage
 from steps.download import redact
-from steps.sft import ALPACA_ZH_TEMPLATE
+from steps.sft import chat_template
 
 log = logging.getLogger(__name__)
 
@@ -397,18 +397,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def chinese_alpaca_chat_template(template: str = ALPACA_ZH_TEMPLATE) -> str:
-    """A Jinja chat template that renders the (last) user message into the SFT prompt
-    `template` ({instruction} replaced), BOS first, as training tokenized it."""
-    prefix, sep, suffix = template.partition("{instruction}")
-    if not sep:
-        raise ValueError("the Alpaca template has no {instruction}")
-    # the fixed texts as Jinja string literals: no block tag trims their newlines
-    return ("{{ bos_token }}{{ " + json.dumps(prefix) + " }}"
-            "{{ (messages | selectattr('role', 'equalto', 'user') | list | last)['content'] }}"
-            "{{ " + json.dumps(suffix) + " }}")
-
-
 def _check_chat_format(config: Config) -> None:
     if config.chat_format in (None, CHINESE_ALPACA):
         return
@@ -438,7 +426,7 @@ def local_server(gguf: Path, config: Config, log_path: Path, scratch: Path):
     template_file = None
     if config.chat_format == CHINESE_ALPACA:
         template_file = scratch / ".judge_chat_template.json"
-        template_file.write_text(json.dumps({"chat_template": chinese_alpaca_chat_template(),
+        template_file.write_text(json.dumps({"chat_template": chat_template(),
                                              "bos_token": "<s>", "eos_token": "</s>"}))
         args += ["--chat_format", "hf-tokenizer-config",
                  "--hf_tokenizer_config_path", str(template_file)]

@@ -190,9 +190,51 @@ def _build(version: str, options: list[str], root: Path) -> None:
     for lib in (build / "bin").glob("lib*.so*"):  # the build's own libraries, beside the tools
         shutil.copy2(lib, staged / lib.name, follow_symlinks=False)
     staged.rename(root / "bin")
+    _keep_converters(src, converters_dir(version))
     # bin/ is all a run needs (~15 MB); the source, sdist and objects are ~300 MB
     for scratch in ("build", "src", "sdist"):
         shutil.rmtree(root / scratch, ignore_errors=True)
+
+
+# llama.cpp's Python converters and what they import (a few MB): kept beside the tools
+CONVERTER_FILES = ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py", "conversion", "gguf-py")
+
+
+def converters_dir(version: str | None = None) -> Path:
+    return cache_root() / f"llama.cpp-{version or installed_version()}-py"
+
+
+def converters() -> Path:
+    """A directory holding llama.cpp's own convert_hf_to_gguf.py and convert_lora_to_gguf.py (with
+    their conversion/ package and gguf-py) of the installed version's vendored source; run them
+    with that directory's gguf-py (leave NO_LOCAL_GGUF unset). Extracted from the sdist on first
+    use (or kept when the tools are built), under the same kind of lock."""
+    version = installed_version()
+    dest = converters_dir(version)
+    if all((dest / f).exists() for f in CONVERTER_FILES):
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(dest.with_name(dest.name + ".lock")):
+        if not all((dest / f).exists() for f in CONVERTER_FILES):
+            scratch = dest.with_name(dest.name + ".src")
+            shutil.rmtree(scratch, ignore_errors=True)
+            try:
+                _keep_converters(_source(version, scratch), dest)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+    return dest
+
+
+def _keep_converters(src: Path, dest: Path) -> None:
+    if all((dest / f).exists() for f in CONVERTER_FILES):
+        return
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in CONVERTER_FILES:
+        (shutil.copytree if (src / f).is_dir() else shutil.copy2)(src / f, tmp / f)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
 
 
 def _run(cmd: list[str], f, log: Path) -> None:

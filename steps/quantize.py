@@ -32,7 +32,7 @@ from steps import Stage
 from steps.checks import check_model
 from steps.safetensors_io import TensorInfo, read_header
 
-VERSION = "1"
+VERSION = "2"   # 2: a SentencePiece model's chat template is exported
 
 
 class FlowKeys(BaseModel):
@@ -270,7 +270,18 @@ def _vocab(model_dir: Path, n_rows: int) -> dict:
             raise ValueError(f"{tc}: pad_token {pad!r} is not in the vocabulary")
         special["pad"] = ids[0]
     return {"tokens": tokens, "scores": scores, "types": types, "special": special,
-            "n_tokenizer": n_tok, "add_space_prefix": bool(proto.normalizer_spec.add_dummy_prefix)}
+            "n_tokenizer": n_tok, "add_space_prefix": bool(proto.normalizer_spec.add_dummy_prefix),
+            "chat_template": _chat_template(model_dir, n_rows)}
+
+
+def _chat_template(model_dir: Path, n_rows: int) -> str | None:
+    """The model's chat template (the SFT stage saves its prompt template as one), read as
+    llama.cpp's converter reads it (gguf's SpecialVocab: tokenizer_config.json's chat_template or
+    chat_template.jinja), so a llama.cpp client builds the prompt the model was tuned on."""
+    import gguf
+
+    template = gguf.SpecialVocab(model_dir, load_merges=False, n_vocab=n_rows).chat_template
+    return template if isinstance(template, str) and template else None
 
 
 def _check_token_count(model_dir: Path, n_tok: int, n_rows: int, what: str) -> None:
@@ -517,6 +528,8 @@ def _add_vocab_kv(w, vocab: dict) -> None:
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
     w.add_add_space_prefix(vocab["add_space_prefix"])
+    if vocab.get("chat_template"):
+        w.add_chat_template(vocab["chat_template"])
 
 
 def _add_bpe_vocab_kv(w, vocab: dict) -> None:

@@ -18,6 +18,7 @@ max_bad_fraction of either aborts before training.
 """
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from steps.train.config import (RESULT_NEUTRAL, LearningRate, TrainConfig, Valid
 from steps.train.data import cache_key, prepared, save_splits, split, split_sizes
 from steps.train.launch import execute, worker_main
 
-VERSION = "3"
+VERSION = "4"   # 4: the adapter's tokenizer carries the prompt template as its chat template
 # checkpoints in scratch (a rerun resumes), tokenized data in the workspace's data cache
 STAGE = Stage(gpu=True, resumable=True, data_cache=True)
 PREP_VERSION = "sft-1"
@@ -153,6 +154,21 @@ def _bos_in_text(text: str, tokenizer) -> bool:
     return bool(tokenizer.bos_token) and text.startswith(tokenizer.bos_token)
 
 
+def chat_template(template: str = ALPACA_ZH_TEMPLATE, *, bos: bool = True) -> str:
+    """The SFT prompt `template` as a Jinja chat template: the (last) user message in place of
+    {instruction}, BOS first (unless the template's own text starts with it), as training
+    tokenized it. SFT saves it with its tokenizer (tokenizer_config / chat_template.jinja), so the
+    merged model and every GGUF exported from it carry the template the model was tuned on, and
+    a chat client builds the same prompt the evaluate stage generates from."""
+    prefix, sep, suffix = template.partition("{instruction}")
+    if not sep:
+        raise ValueError("the SFT prompt template has no {instruction}")
+    # the fixed texts as Jinja string literals: no block tag trims their newlines
+    return (("{{ bos_token }}" if bos else "") + "{{ " + json.dumps(prefix) + " }}"
+            "{{ (messages | selectattr('role', 'equalto', 'user') | list | last)['content'] }}"
+            "{{ " + json.dumps(suffix) + " }}")
+
+
 def encode(rec: dict, tokenizer, template: str, max_len: int, eos: int | None = None) -> dict:
     """input_ids / labels for one good record (see the module docstring); eos: the id appended
     after the output (None: the tokenizer's EOS)."""
@@ -244,8 +260,10 @@ def make_collate(pad_id: int):
 
 # ----------------------------------------------------------------------------- stage
 
-def _prepare_model(pad_token: str | None):
+def _prepare_model(pad_token: str | None, template: str):
     def prepare(model, tokenizer):
+        # saved with the adapter's tokenizer: the template the model is tuned on
+        tokenizer.chat_template = chat_template(template, bos=not _bos_in_text(template, tokenizer))
         if tokenizer.pad_token is None:
             tokenizer.add_special_tokens({"pad_token": pad_token})
         rows = model.get_input_embeddings().weight.shape[0]
@@ -262,7 +280,8 @@ def _worker(cfg: Config, out_dir: Path, *, on_metrics=None, model: str, adapters
             dataset: str, pad_id: int, resume_dir: str | None, info: dict) -> dict:
     return run_training("sft", cfg, out_dir, model_dir=Path(model),
                         adapters=[Path(a) for a in adapters], dataset_dir=Path(dataset),
-                        collate=make_collate(pad_id), prepare_model=_prepare_model(cfg.pad_token),
+                        collate=make_collate(pad_id),
+                        prepare_model=_prepare_model(cfg.pad_token, cfg.prompt_template),
                         resume_dir=resume_dir, on_metrics=on_metrics, extra_info=info)
 
 

@@ -309,3 +309,39 @@ def demo_on_servers(tmp: Path, demo_timeout: float = 900):
         state.demo = llamaflow(["demo", "--workdir", str(workdir)], env, demo_timeout)
         state.demo_seconds = time.monotonic() - t0
         yield state
+
+
+@contextlib.contextmanager
+def serve_model(args: list[str], timeout: float = 90):
+    """`llamaflow serve-model ARGS` as a subprocess, until its banner is printed: yields
+    (banner text, the CLI's Popen). Stopped by PID at the end: SIGTERM to the CLI (which stops
+    its server's process group), then SIGKILL to both groups."""
+    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve-model", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    banner, server_pid = [], None
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            banner.append(line)
+            if line.strip().startswith("server pid:"):
+                server_pid = int(line.split(":")[1])
+            if line.strip().startswith("EOS id:"):
+                break
+        text = "".join(banner)
+        assert "EOS id:" in text, f"serve-model did not come up: {text}"
+        yield text, proc
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
+        if server_pid is not None:   # stopped by the CLI; SIGKILL in case it was not
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server_pid, signal.SIGKILL)

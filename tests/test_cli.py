@@ -72,6 +72,10 @@ def test_summary_names_the_report_the_gates_and_every_stage_outcome(tmp_path):
     assert f"report:    {ws}/artifacts/report/k/report.md" in text
     assert "gates:     FAILED: gguf-q4_0 on tinystories: ppl +18.2 % vs gguf-f16 (limit +5 %)" in text
     assert f"llamaflow ui --workdir {ws}" in text and "PREFECT_API_URL" in text
+    # how to chat with what it made (the one quant type here; f16 when the run has it)
+    assert f"chat:      `llamaflow serve-model q4_0 --workdir {ws}`" in text
+    result["stages"]["quantize[f16]"] = result["stages"]["quantize[q4_0]"]
+    assert "`llamaflow serve-model f16 " in summary(result)
     result["gates"] = {"passed": True, "checks": [{"passed": True}]}
     assert "gates:     passed (1 checked)" in summary(result)
 

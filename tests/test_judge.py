@@ -375,9 +375,9 @@ def test_grammars_are_accepted_by_llama_cpp():
 def test_chinese_alpaca_template_is_the_sft_prompt():
     from llama_cpp.llama_chat_format import hf_tokenizer_config_to_chat_formatter
 
-    from steps.sft import ALPACA_ZH_TEMPLATE
+    from steps.sft import ALPACA_ZH_TEMPLATE, chat_template
 
-    fmt = hf_tokenizer_config_to_chat_formatter({"chat_template": J.chinese_alpaca_chat_template(),
+    fmt = hf_tokenizer_config_to_chat_formatter({"chat_template": chat_template(),
                                                  "bos_token": "<s>", "eos_token": "</s>"})
     text = "什么是困惑度？\n请简短回答。"
     assert fmt(messages=[{"role": "user", "content": text}]).prompt == \

@@ -8,12 +8,11 @@ the evaluate stage decodes with no penalty.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -49,42 +48,14 @@ def demo(demo_first_run):
 
 @pytest.fixture(scope="module")
 def server(demo):
+    from tests.servers import serve_model
+
     workdir, _, qtype, _ = demo
     port = _free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "serve-model", qtype,
-                             "--workdir", str(workdir), "--port", str(port), "--threads", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=env, start_new_session=True)
-    banner, server_pid = [], None
-    try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            banner.append(line)
-            if line.strip().startswith("server pid:"):
-                server_pid = int(line.split(":")[1])
-            if line.strip().startswith("EOS id:"):
-                break
-        text = "".join(banner)
-        assert "EOS id:" in text, f"serve-model did not come up: {text}"
+    with serve_model([qtype, "--workdir", str(workdir), "--port", str(port),
+                      "--threads", "2"]) as (text, proc):
         yield {"base": f"http://127.0.0.1:{port}/v1", "banner": text, "proc": proc,
                "qtype": qtype}
-    finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
-        if server_pid is not None:   # stopped by the CLI; SIGKILL in case it was not
-            try:
-                os.killpg(server_pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +75,24 @@ def test_banner_names_what_it_serves(server, demo):
     gguf = S._gguf_in(Path(latest["stages"][f"quantize[{qtype}]"]["artifact"]))
     b = server["banner"]
     assert server["base"] in b and str(gguf) in b and S.sha256_file(gguf) in b
-    assert f"quant type:    {qtype}" in b and "chinese-alpaca" in b
+    assert f"quant type:    {qtype}" in b and "gguf tokenizer.chat_template" in b
     r = requests.get(server["base"] + "/models", timeout=5)
     assert r.status_code == 200 and r.json()["data"][0]["id"] == gguf.name
+
+
+@pytest.mark.servers
+def test_the_demos_chat_hint_works(server, demo):
+    """The last line of the demo's summary says how to chat: that serve-model command is the
+    one this module's server runs, and the request it shows gets an answer."""
+    from pipelines.console import summary
+
+    workdir, latest, qtype, _ = demo
+    hint = summary({**latest, "workdir": str(workdir)}).splitlines()[-1]
+    assert hint.startswith(f"chat:      `llamaflow serve-model {qtype} --workdir {workdir}`"), hint
+    body = json.loads(hint.split(" -d '", 1)[1].rstrip("')"))
+    r = requests.post(server["base"] + "/chat/completions",
+                      json={**body, "max_tokens": 8}, timeout=60)
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"], r.text
 
 
 @pytest.mark.servers
@@ -127,16 +113,18 @@ def test_greedy_chat_equals_evaluate_tokens(client, demo):
 
 @pytest.mark.servers
 def test_chat_prompt_is_the_sft_template(client, demo):
-    """(b) The formatter the server is given renders a user message into '<s>' + the SFT prompt
-    byte for byte, and the completions endpoint on the hand-formatted prompt answers exactly as
-    the chat endpoint on the message (same text, same tokens)."""
-    from llama_cpp.llama_chat_format import hf_tokenizer_config_to_chat_formatter
+    """(b) The GGUF carries the SFT stage's template (saved with the SFT adapter's tokenizer,
+    through merge and the GGUF export); rendered as llama_cpp.server renders it, a user message
+    becomes '<s>' + the SFT prompt byte for byte, and the completions endpoint on the
+    hand-formatted prompt answers exactly as the chat endpoint on the message (same text, same
+    tokens)."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-    from steps.judge import chinese_alpaca_chat_template
+    from steps.sft import chat_template
 
-    fmt = hf_tokenizer_config_to_chat_formatter(
-        {"chat_template": chinese_alpaca_chat_template(), "bos_token": "<s>", "eos_token": "</s>"},
-        add_generation_prompt=True)
+    info = S.gguf_info(S._gguf_in(Path(demo[1]["stages"][f"quantize[{demo[2]}]"]["artifact"])))
+    assert info["chat_template"] == chat_template()
+    fmt = Jinja2ChatFormatter(template=info["chat_template"], bos_token="<s>", eos_token="</s>")
     for r in demo[3]:
         built = fmt(messages=[{"role": "user", "content": _question(r)}]).prompt
         assert built.encode() == ("<s>" + format_prompt(r["instruction"], r["input"])).encode()
@@ -258,3 +246,93 @@ def test_model_larger_than_available_memory(demo, capsys, monkeypatch):
 def test_missing_gguf_path(tmp_path, capsys):
     rc, err = _cli([str(tmp_path / "nope.gguf")], capsys)
     assert rc != 0 and "is not a file" in err
+
+
+# --- (g) the serve-champion deployment's flow ---------------------------------------------------
+
+@pytest.fixture
+def champion_ws(demo, tmp_path):
+    """The demo's workspace with a registry of its own (mlflow.db copied; artifacts linked):
+    moving the champion alias here leaves the shared demo workspace as it was."""
+    import shutil
+
+    workdir = demo[0]
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    shutil.copyfile(workdir / "mlflow.db", ws / "mlflow.db")
+    (ws / "artifacts").symlink_to(workdir / "artifacts")
+    from pipelines.tracking import Tracker
+
+    client = Tracker(ws, {}).client
+    name = client.search_registered_models()[0].name
+    yield ws, client, name
+    S.reconcile(ws, stop=True)
+
+
+def _version_tag(client, name, version):
+    return client.get_model_version(name, version).tags.get(S.SERVING_TAG)
+
+
+@pytest.mark.servers
+def test_serve_champion_follows_the_alias(champion_ws, monkeypatch, prefect_harness):
+    """Started once, unchanged while the alias stays, restarted on a new version when a run moves
+    the alias (the old server stopped by PID, its tag removed, the new version tagged with the
+    URL), restarted when the server died, stopped on request; through the deployment's flow."""
+    from pipelines.serve_champion import serve_champion
+
+    ws, client, name = champion_ws
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    first = client.get_model_version_by_alias(name, "champion")
+    monkeypatch.setenv("LLAMAFLOW_WORKDIR", str(ws))
+    r1 = serve_champion(port=port, threads=2)
+    assert r1["action"] == "started" and r1["url"] == url and r1["version"] == str(first.version)
+    assert requests.get(url + "/models", timeout=5).status_code == 200
+    assert _version_tag(client, name, first.version) == url
+    state = json.loads((ws / "serving" / "champion.json").read_text())
+    assert state["pid"] == r1["pid"] and state["sha256"] == S.sha256_file(Path(state["path"]))
+
+    again = S.reconcile(ws, port=port, threads=2)
+    assert again["action"] == "unchanged" and again["pid"] == r1["pid"]
+
+    # a later run registers a new version and moves the alias to it
+    moved = client.create_model_version(name, first.source, run_id=first.run_id,
+                                        tags={"llamaflow.digest": first.tags["llamaflow.digest"]})
+    client.set_registered_model_alias(name, "champion", moved.version)
+    r2 = S.reconcile(ws, port=port, threads=2)
+    assert r2["action"] == "restarted" and r2["version"] == str(moved.version) != str(first.version)
+    assert r2["pid"] != r1["pid"] and not S._serves(r1["pid"], r1["path"])
+    assert _version_tag(client, name, first.version) is None
+    assert _version_tag(client, name, moved.version) == url
+    assert requests.get(url + "/models", timeout=5).status_code == 200
+
+    # the server died: the next run starts it again
+    os.killpg(r2["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while S._serves(r2["pid"], r2["path"]) and time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(r2["pid"], os.WNOHANG)
+        time.sleep(0.1)
+    r3 = S.reconcile(ws, port=port, threads=2)
+    assert r3["action"] == "restarted" and r3["pid"] != r2["pid"]
+
+    r4 = serve_champion(port=port, stop=True)
+    assert r4["action"] == "stopped" and not S._serves(r3["pid"], r3["path"])
+    assert _version_tag(client, name, moved.version) is None
+    assert not (ws / "serving" / "champion.json").exists()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(url + "/models", timeout=5)
+
+
+def test_the_serve_champion_deployment_runs_the_serving_flow():
+    from pipelines import deploy as D
+
+    cfg = D.load_deploy_config()
+    (dep,) = D.deployments(cfg, ["serve-champion"])
+    assert dep.entrypoint == "pipelines.serve_champion.serve_champion"
+    assert dep.parameters["alias"] == "champion" and dep.parameters["port"] == 8650
+    assert "overrides" not in dep.parameters
+    with pytest.raises(ValueError, match="unknown argument.*'prot'"):
+        D.load_deploy_config(["+deployments.serve-champion.parameters.prot=1"])
+    with pytest.raises(ValueError, match="flows are"):
+        D.load_deploy_config(["deployments.serve-champion.flow=nosuch"])

@@ -115,6 +115,12 @@ def test_llama3_chat_example_is_metas_chat_format(llama3_tokenizers, with_input)
     assert got["labels"][-1] == 128009                              # the turn's end is learnt
     # the same template written with Meta's leading <|begin_of_text|>: still one BOS
     assert sft.encode(rec, hf, "<|begin_of_text|>" + sft.LLAMA3_CHAT_TEMPLATE, 512, eot) == got
+    # as the chat template SFT saves with its tokenizer: a chat client's prompt is Meta's too
+    chat = [{"role": "user", "content": user}]
+    for template in (sft.LLAMA3_CHAT_TEMPLATE, "<|begin_of_text|>" + sft.LLAMA3_CHAT_TEMPLATE):
+        hf.chat_template = sft.chat_template(template, bos=not sft._bos_in_text(template, hf))
+        assert hf.apply_chat_template(chat, tokenize=True, add_generation_prompt=True,
+                                      return_dict=False) == prompt
 
 
 def test_eos_token_setting(llama3_tokenizers, llama_hf_tokenizer, tmp_path):
@@ -230,6 +236,17 @@ def test_sft_on_top_of_pt_adapter(tiny_hf_model, pt_adapter, tmp_path):
     assert json.loads((out / "added_tokens.json").read_text()) == {"[PAD]": 320}
     assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == \
         "PreTrainedTokenizerFast"
+    # ... and carries the SFT prompt as its chat template: a chat message gives the ids SFT
+    # trained on, BOS first
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(out)
+    rec = {"instruction": "介绍一下北京", "input": ""}
+    chat_ids = tok.apply_chat_template([{"role": "user", "content": rec["instruction"]}],
+                                       tokenize=True, add_generation_prompt=True,
+                                       return_dict=False)
+    trained = sft.encode({**rec, "output": "x"}, tok, cfg.prompt_template, 384)
+    assert chat_ids == trained["input_ids"][:len(chat_ids)] and chat_ids[0] == tok.bos_token_id
+    assert trained["labels"][len(chat_ids) - 1] == -100 and trained["labels"][len(chat_ids)] != -100
     info = json.loads((out / "training_info.json").read_text())
     assert info["adapters_applied"][0]["digest"] == adapter_digest(pt_adapter)
     # the merge order of the recipe reproduces training: base + pt merged, resized, + sft

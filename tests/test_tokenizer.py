@@ -246,6 +246,9 @@ def test_llama_cpp_converter_reads_pad_and_vocabulary(tiny_sp_model, tmp_path, p
                                  num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                                  bos_token_id=1, eos_token_id=2)).save_pretrained(model)
     assert save_hf_tokenizer(tiny_sp_model, model, pad_token="[PAD]") == n + 1
+    # the chat template SFT saves with its tokenizer
+    from steps.sft import chat_template
+    (model / "chat_template.jinja").write_text(chat_template(), encoding="utf-8")
     out = tmp_path / "vocab.gguf"
     r = subprocess.run([sys.executable, str(converter / "convert_hf_to_gguf.py"), str(model),
                         "--vocab-only", "--outfile", str(out)], capture_output=True, text=True,
@@ -260,6 +263,7 @@ def test_llama_cpp_converter_reads_pad_and_vocabulary(tiny_sp_model, tmp_path, p
     ours = _vocab(model, n + 1)
     assert tokens == [t.decode() for t in ours["tokens"]] and types == ours["types"]
     assert f["tokenizer.ggml.scores"].contents() == pytest.approx(ours["scores"])
+    assert f["tokenizer.chat_template"].contents() == ours["chat_template"] == chat_template()
     # llama.cpp on that vocabulary tokenizes a whole text as SentencePiece does
     llm = llama_cpp.Llama(str(out), vocab_only=True, verbose=False)
     sp = spm.SentencePieceProcessor(model_file=str(tiny_sp_model))

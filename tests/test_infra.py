@@ -92,6 +92,30 @@ def test_compose_config_resolves():
     for name in ("prefect-worker", "cpu-worker", "mlflow"):
         assert (REPO / svc[name]["build"]["dockerfile"]).is_file(), name
     assert (COMPOSE.parent / "postgres-init.sh").stat().st_mode & 0o111
+    # the served model, CPU by default and GPU in its profile: serve-model on the workspace the
+    # workers fill (read-only), the champion found through the compose MLflow
+    gpu_only = {name for name, s in svc.items() if "gpu" in (s.get("profiles") or [])}
+    assert "llm-server" in svc and "llm-server" not in gpu_only
+    full = json.loads(subprocess.run(
+        [compose_binary(), "-f", str(COMPOSE), "--profile", "gpu", "config", "--format", "json"],
+        capture_output=True, text=True, cwd=COMPOSE.parent, check=True,
+        env={**os.environ, "DOCKER_HOST": "unix:///nonexistent"}).stdout)["services"]
+    for name, image, port in (("llm-server", "llamaflow-worker:latest", "8650"),
+                              ("llm-server-gpu", "llamaflow-train:latest", "8651")):
+        srv = full[name]
+        assert srv["command"][:3] == ["llamaflow", "serve-model", "--workdir"], name
+        assert srv["command"][srv["command"].index("--host") + 1] == "0.0.0.0"
+        assert srv["image"] == image and srv["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+        (vol,) = srv["volumes"]
+        assert vol["source"] == "workspace" and vol["target"] == "/workspace" and vol["read_only"]
+        assert [p["published"] for p in srv["ports"]] == [port]
+        assert "/v1/models" in " ".join(srv["healthcheck"]["test"])
+        images = {svc_["image"] for svc_ in full.values() if "build" in svc_}
+        assert image in images, f"{name} runs an image this file builds"
+    assert "--gpu-layers" in full["llm-server-gpu"]["command"]
+    assert "--gpu-layers" not in full["llm-server"]["command"]
+    dev = full["llm-server-gpu"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert dev["driver"] == "nvidia" and "gpu" in dev["capabilities"]
 
 
 def test_compose_config_rejects_broken_file(tmp_path):
@@ -171,7 +195,8 @@ def test_dockerfile_pins(dockerfile):
     # the project installs from the repo (pyproject pins), torch pinned like the Makefile
     if dockerfile.name != "mlflow.Dockerfile":
         assert '"torch==2.13.0"' in text and "COPY pipelines ./pipelines" in text
-        assert "pip install --no-cache-dir \".[llamacpp]\"" in text or '".[llamacpp]"' in text
+        # llama.cpp and its OpenAI-compatible server (the llm-server services run serve-model)
+        assert '".[llamacpp,serve]"' in text
     else:
         assert re.search(r"mlflow==3\.17\.2 psycopg2-binary==[\d.]+ boto3==[\d.]+", text)
 
@@ -216,6 +241,40 @@ def test_k8s_validation_catches_bad_field():
     bad["spec"]["template"]["spec"]["containers"][0]["gpus"] = 8
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(bad, "1.33.0", strict=True)
+
+
+def test_llm_server_manifest_serves_the_champion_on_cpu_and_gpu():
+    """Both variants run serve-model on the shared workspace volume (read-only), find the
+    champion through the in-cluster MLflow and are probed on the server's health endpoint; the
+    GPU one asks for a GPU and offloads every layer; one Service in front of whichever runs."""
+    docs = [d for d in yaml.safe_load_all((K8S / "llm-server.yaml").read_text()) if d]
+    svc = next(d for d in docs if d["kind"] == "Service")
+    deps = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+    assert set(deps) == {"llm-server", "llm-server-gpu"}
+    storage = {d["metadata"]["name"] for d in yaml.safe_load_all((K8S / "storage.yaml").read_text())
+               if d and d["kind"] == "PersistentVolumeClaim"}
+    for name, d in deps.items():
+        pod = d["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
+        assert c["command"][:2] == ["llamaflow", "serve-model"], name
+        assert c["command"][c["command"].index("--workdir") + 1] == "/workspace"
+        assert c["command"][c["command"].index("--host") + 1] == "0.0.0.0"
+        port = int(c["command"][c["command"].index("--port") + 1])
+        assert c["ports"][0]["containerPort"] == port
+        assert {e["name"]: e["value"] for e in c["env"]}["MLFLOW_TRACKING_URI"].startswith("http://mlflow.")
+        assert c["readinessProbe"]["httpGet"]["path"] == "/v1/models"
+        (mount,) = c["volumeMounts"]
+        assert mount["mountPath"] == "/workspace" and mount["readOnly"]
+        (vol,) = pod["volumes"]
+        assert vol["persistentVolumeClaim"]["claimName"] in storage
+        # the Service reaches it
+        labels = d["spec"]["template"]["metadata"]["labels"]
+        assert all(labels.get(k) == v for k, v in svc["spec"]["selector"].items())
+    gpu = deps["llm-server-gpu"]["spec"]["template"]["spec"]["containers"][0]
+    assert gpu["resources"]["limits"]["nvidia.com/gpu"] == 1 and "--gpu-layers" in gpu["command"]
+    assert "train" in gpu["image"]
+    cpu = deps["llm-server"]["spec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in cpu["resources"].get("limits", {}) and "worker" in cpu["image"]
 
 
 def test_multinode_job_rendezvous():

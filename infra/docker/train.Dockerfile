@@ -35,7 +35,7 @@ COPY pipelines ./pipelines
 RUN python3 -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir "torch==2.13.0" --index-url https://download.pytorch.org/whl/cu128 \
     && CMAKE_ARGS="-DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=80;86;89;90" \
-       /opt/venv/bin/pip install --no-cache-dir ".[llamacpp]" nvidia-ml-py==13.580.82
+       /opt/venv/bin/pip install --no-cache-dir ".[llamacpp,serve]" nvidia-ml-py==13.580.82
 
 FROM nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu24.04
 RUN apt-get update \

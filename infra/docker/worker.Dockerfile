@@ -14,7 +14,7 @@ COPY steps ./steps
 COPY pipelines ./pipelines
 RUN python -m venv /opt/venv \
     && /opt/venv/bin/pip install --no-cache-dir "torch==2.13.0" --index-url https://download.pytorch.org/whl/cpu \
-    && /opt/venv/bin/pip install --no-cache-dir ".[llamacpp]"
+    && /opt/venv/bin/pip install --no-cache-dir ".[llamacpp,serve]"
 
 FROM python:3.11.11-slim-bookworm
 COPY --from=build /opt/venv /opt/venv

@@ -137,6 +137,11 @@ def _step_config(run: LifecycleRun, name: str, extra: dict):
         node = found[0][1] if found else None
         if isinstance(node, dict):
             node.pop(leaf, None)
+    # settings added after artifacts were cached: at their default they leave the key as it was,
+    # so adding a knob does not recompute (hours of training) what it would not change
+    for leaf, default in getattr(module, "CACHE_OMIT_AT_DEFAULT", {}).items():
+        if key_cfg.get(leaf, default) == default:
+            key_cfg.pop(leaf, None)
     key_cfg = _redact_strings(key_cfg)
     return module, config, key_cfg, data
 

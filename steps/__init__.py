@@ -10,6 +10,8 @@ orchestration on top. Each stage module exposes the same small protocol (see REA
                                         # conf/<stage>/default.yaml is generated from it
     DATA_FIELDS: tuple[str, ...]        # Config fields naming user files hashed into the cache key
     CACHE_EXCLUDE: tuple[str, ...]      # optional: speed-only Config fields left out of the key
+    CACHE_OMIT_AT_DEFAULT: dict         # optional: {field: value} left out of the key at that
+                                        # value (a knob added later: old keys stay valid)
     DIGEST_EXCLUDE: tuple[str, ...]     # optional: output files whose bytes vary run to run
                                         # (timings), counted by name only in the artifact digest
     def public_config(config) -> dict   # optional: the config as the cache key and MLflow show

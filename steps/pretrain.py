@@ -22,7 +22,7 @@ from steps import MetricsCallback, Stage
 from steps.digests import sha256_files, tokenizer_digest
 from steps.files import data_files
 from steps.train import run_training
-from steps.train.config import RESULT_NEUTRAL, TrainConfig, with_data
+from steps.train.config import OMIT_AT_DEFAULT, RESULT_NEUTRAL, TrainConfig, with_data
 from steps.train.data import cache_key, prepared, save_splits, split, split_sizes
 from steps.train.launch import execute, worker_main
 
@@ -57,6 +57,7 @@ class Config(TrainConfig):
 
 DATA_FIELDS = ("data",)
 CACHE_EXCLUDE = RESULT_NEUTRAL          # checkpointing and the launcher timeout
+CACHE_OMIT_AT_DEFAULT = OMIT_AT_DEFAULT  # new knobs at their old behaviour keep the key
 DIGEST_EXCLUDE = ("trainer_log.jsonl",)   # its tokens_per_s differ run to run; the adapter doesn't
 
 

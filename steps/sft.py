@@ -29,8 +29,9 @@ from steps.digests import sha256_files, tokenizer_digest
 from steps.files import data_files
 from steps.tokenizer import tokenizer_source
 from steps.train import run_training
-from steps.train.config import (RESULT_NEUTRAL, LearningRate, TrainConfig, ValidationSplit,
-                                WarmupRatio, WeightDecay, stage_default, with_data)
+from steps.train.config import (OMIT_AT_DEFAULT, RESULT_NEUTRAL, LearningRate, TrainConfig,
+                                ValidationSplit, WarmupRatio, WeightDecay, stage_default,
+                                with_data)
 from steps.train.data import cache_key, prepared, save_splits, split, split_sizes
 from steps.train.launch import execute, worker_main
 
@@ -93,6 +94,7 @@ class Config(TrainConfig):
 
 DATA_FIELDS = ("data", "validation_data")
 CACHE_EXCLUDE = RESULT_NEUTRAL          # checkpointing and the launcher timeout
+CACHE_OMIT_AT_DEFAULT = OMIT_AT_DEFAULT  # new knobs at their old behaviour keep the key
 DIGEST_EXCLUDE = ("trainer_log.jsonl",)   # its tokens_per_s differ run to run; the adapter doesn't
 
 

@@ -30,6 +30,7 @@ from typing import Callable
 
 from steps.digests import adapter_digest, base_digest
 from steps.tokenizer import tokenizer_source
+from steps.train.chunked_loss import use_chunked_loss
 from steps.train.config import TrainConfig, result_settings
 from steps.train.data import load_splits
 from steps.train.loop import Trainer
@@ -101,6 +102,8 @@ def _model(cfg: TrainConfig, dist: Dist, precision: str, model_dir: Path, adapte
         model, tokenizer = prepare_model(model, tokenizer)
     torch.manual_seed(cfg.seed)
     model = add_lora(model, cfg.lora, gradient_checkpointing=cfg.gradient_checkpointing)
+    if cfg.loss_chunk_size:
+        use_chunked_loss(model, cfg.loss_chunk_size)
     if cfg.launcher.strategy == "ddp":
         model.to(dist.device)        # FSDP moves each rank's shards there as it shards
     torch.manual_seed(cfg.seed + dist.rank)

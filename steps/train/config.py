@@ -18,6 +18,9 @@ LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 # and the launcher timeout, so a longer timeout resumes the same run instead of starting anew.
 # Left out of the stage cache key (the stages' CACHE_EXCLUDE) and of the resume fingerprint.
 RESULT_NEUTRAL = ("save_every", "save_total_limit", "launcher.timeout_s")
+# Settings added after adapters were cached and fingerprinted: at these values (the old
+# behaviour) they are left out of the cache key and the resume fingerprint, which stay as before.
+OMIT_AT_DEFAULT = {"loss_chunk_size": 0}
 
 
 class LoraSettings(pydantic.BaseModel):
@@ -100,6 +103,10 @@ class TrainConfig(pydantic.BaseModel):
     torch_compile: bool = Field(
         False, description="torch.compile the model (GPU; first steps compile: on a 7B shape it "
                            "took over 120 s on an H100, so the gain is unmeasured)")
+    loss_chunk_size: int = Field(
+        0, ge=0, description="> 0: the loss over this many supervised tokens at a time, never the "
+                             "full batch x seq x vocab logits (made again in the backward pass; "
+                             "steps/train/chunked_loss.py); 0: transformers' loss on full logits")
     launcher: LauncherSettings = Field(
         default_factory=LauncherSettings, json_schema_extra={"conf_option": "/launcher/single"},
         description="how the stage is run: conf/launcher/ single | ddp_cpu | ddp_gpu | fsdp")
@@ -133,8 +140,11 @@ def stage_default(name: str, default, description: str | None = None):
 
 
 def result_settings(cfg: TrainConfig) -> dict:
-    """cfg.model_dump() without the RESULT_NEUTRAL settings."""
+    """cfg.model_dump() without the RESULT_NEUTRAL settings (and OMIT_AT_DEFAULT ones at it)."""
     dump = cfg.model_dump()
+    for leaf, default in OMIT_AT_DEFAULT.items():
+        if dump.get(leaf, default) == default:
+            dump.pop(leaf, None)
     for dotted in RESULT_NEUTRAL:
         *parents, leaf = dotted.split(".")
         node = dump

@@ -79,7 +79,8 @@ class Config(TrainConfig):
     max_seq_length: int = Field(512, ge=8, description="prompt + output + EOS truncated to this "
                                                        "many tokens")
     packing: bool = Field(False, description="concatenate examples into max_seq_length rows (no "
-                                             "padding)")
+                                             "padding), each example attending only to itself "
+                                             "(position ids restart per example)")
     pad_token: str | None = Field("[PAD]", description="added when the tokenizer has none (v1: "
                                                        "49953 -> 49954 rows)")
     eos_token: str | None = Field(None, description=(
@@ -185,15 +186,21 @@ def encode(rec: dict, tokenizer, template: str, max_len: int, eos: int | None = 
 
 
 def _pack(batch: dict, max_len: int) -> dict:
-    rows_ids, rows_lab, ids, lab = [], [], [], []
+    """Examples concatenated into rows of at most max_len tokens, each with position ids that
+    start again at 0 where an example starts: given position ids, no attention mask and no KV
+    cache (training: use_cache is off), transformers makes each example attend only to itself (a block-diagonal causal mask;
+    FlashAttention-2 runs them as variable-length sequences), so a packed example is computed as
+    it would be alone. Its first label is -100 (its BOS is never predicted from the example
+    before it)."""
+    rows_ids, rows_lab, rows_pos, ids, lab, pos = [], [], [], [], [], []
     for i, l in zip(batch["input_ids"], batch["labels"]):
         if ids and len(ids) + len(i) > max_len:
-            rows_ids.append(ids), rows_lab.append(lab)
-            ids, lab = [], []
-        ids, lab = ids + i, lab + l
+            rows_ids.append(ids), rows_lab.append(lab), rows_pos.append(pos)
+            ids, lab, pos = [], [], []
+        ids, lab, pos = ids + i, lab + [IGNORE_INDEX] + l[1:], pos + list(range(len(i)))
     if ids:
-        rows_ids.append(ids), rows_lab.append(lab)
-    return {"input_ids": rows_ids, "labels": rows_lab}
+        rows_ids.append(ids), rows_lab.append(lab), rows_pos.append(pos)
+    return {"input_ids": rows_ids, "labels": rows_lab, "position_ids": rows_pos}
 
 
 def build_examples(files: list[Path], tokenizer, cfg: Config, work: Path, field: str):
@@ -245,17 +252,27 @@ def build_examples(files: list[Path], tokenizer, cfg: Config, work: Path, field:
 
 
 def make_collate(pad_id: int):
+    """Rows right-padded with pad_id (labels -100) and an attention mask; packed rows (with
+    position_ids) get position ids instead, their padding a block of its own (positions from 0),
+    so examples stay apart (see _pack)."""
     def collate(rows: list[dict]) -> dict:
         import torch
         n = max(len(r["input_ids"]) for r in rows)
         ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
         labels = torch.full((len(rows), n), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(rows), n), dtype=torch.long)
+        packed = "position_ids" in rows[0]
+        pos = torch.zeros((len(rows), n), dtype=torch.long)
         for j, r in enumerate(rows):
             k = len(r["input_ids"])
             ids[j, :k] = torch.tensor(r["input_ids"])
             labels[j, :k] = torch.tensor(r["labels"])
             mask[j, :k] = 1
+            if packed:
+                pos[j, :k] = torch.tensor(r["position_ids"])
+                pos[j, k:] = torch.arange(n - k)
+        if packed:
+            return {"input_ids": ids, "labels": labels, "position_ids": pos}
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
     return collate
 
@@ -296,6 +313,8 @@ def data_key(config: Config, files: list[Path], val_files: list[Path], tokenizer
         "val": [sha256_files([f]) for f in val_files], "tokenizer": tokenizer_digest(tokenizer_dir),
         "pad": tokenizer.pad_token, "template": config.prompt_template,
         "max_len": config.max_seq_length, "packing": config.packing,
+        # packed rows carry position ids (examples kept apart): not the rows packed before
+        **({"pack_boundaries": True} if config.packing else {}),
         "split": config.validation_split, "seed": config.seed,
         "max_bad": config.max_bad_fraction,
         # only when set: the keys of runs with the tokenizer's EOS stay what they were

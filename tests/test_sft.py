@@ -202,6 +202,64 @@ def test_packing_keeps_every_token(tiny_hf_model, tmp_path):
     assert all(len(r) <= 512 for r in packed["input_ids"])
     assert [t for r in packed["input_ids"] for t in r] == [t for r in plain["input_ids"] for t in r]
     assert [t for r in packed["labels"] for t in r] == [t for r in plain["labels"] for t in r]
+    # position ids restart at every example
+    starts = [p for r in packed["position_ids"] for p in r].count(0)
+    assert starts == len(plain) and all(len(p) == len(r) for p, r in
+                                        zip(packed["position_ids"], packed["input_ids"]))
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_a_packed_example_is_computed_as_it_is_alone(tiny_hf_model, tmp_path, attn):
+    """Rows of several examples (and a shorter row padded beside them): every example's logits,
+    hence its loss and gradients, equal those of the example run alone; without the position
+    ids (the earlier packing) the later examples saw the ones before them."""
+    from transformers import AutoModelForCausalLM
+
+    tok, _ = sft.load_tokenizer(tiny_hf_model, [], "[PAD]")
+    cfg = sft.Config(max_seq_length=512, max_bad_fraction=0.2)
+    plain, _, _ = sft.build_examples([DEMO_DATA / "instructions.json"], tok, cfg, tmp_path / "a", "d")
+    examples = [plain[i] for i in range(6)]
+    batch_rows = sft._pack({"input_ids": [e["input_ids"] for e in examples[:4]],
+                            "labels": [e["labels"] for e in examples[:4]]}, 10_000)
+    short = sft._pack({"input_ids": [e["input_ids"] for e in examples[4:6]],
+                       "labels": [e["labels"] for e in examples[4:6]]}, 10_000)
+    rows = [{k: v[0] for k, v in batch_rows.items()}, {k: v[0] for k, v in short.items()}]
+    assert len(rows[0]["input_ids"]) > len(rows[1]["input_ids"])     # the second row is padded
+    model = AutoModelForCausalLM.from_pretrained(tiny_hf_model, dtype=torch.float32,
+                                                 attn_implementation=attn).eval()
+    if model.get_input_embeddings().weight.shape[0] < len(tok):
+        model.resize_token_embeddings(len(tok))
+    # as training has it (add_lora): without a KV cache transformers reads the packing from the
+    # position ids
+    model.config.use_cache = False
+    collate = sft.make_collate(tok.pad_token_id)
+    batch = collate(rows)
+    assert "attention_mask" not in batch
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+        leaky = model(input_ids=batch["input_ids"],
+                      attention_mask=(batch["position_ids"] >= 0).long()).logits
+        worst, leak = 0.0, 0.0
+        for row, group in ((0, examples[:4]), (1, examples[4:6])):
+            at = 0
+            for e in group:
+                k = len(e["input_ids"])
+                alone = model(input_ids=torch.tensor([e["input_ids"]])).logits[0]
+                worst = max(worst, float((packed[row, at:at + k] - alone).abs().max()))
+                if at:
+                    leak = max(leak, float((leaky[row, at:at + k] - alone).abs().max()))
+                at += k
+    assert worst < 1e-5 and leak > 1e-2, (worst, leak)
+    # and the loss over the packed batch is the token-weighted mean of the examples' own losses
+    with torch.no_grad():
+        loss = float(model(**batch).loss)
+        sums, n = 0.0, 0
+        for e in examples:
+            lab = torch.tensor([e["labels"]])
+            k = int((lab[:, 1:] != -100).sum())
+            sums += float(model(input_ids=torch.tensor([e["input_ids"]]), labels=lab).loss) * k
+            n += k
+    assert abs(loss - sums / n) < 1e-5
 
 
 @pytest.fixture(scope="module")

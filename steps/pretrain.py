@@ -14,6 +14,7 @@ one short block (the recipe's collator then silently repeats the first example).
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from pydantic import Field
@@ -29,7 +30,8 @@ from steps.train.launch import execute, worker_main
 VERSION = "3"
 # checkpoints in scratch (a rerun resumes), tokenized data in the workspace's data cache
 STAGE = Stage(gpu=True, resumable=True, data_cache=True)
-PREP_VERSION = "pt-1"            # bump when the preprocessing below changes its output
+PREP_VERSION = "pt-2"            # bump when the preprocessing below changes its output
+# (pt-2: the same blocks as pt-1, stored as int32 in one tokenize-and-cut pass)
 SUFFIXES = (".txt", ".jsonl", ".json", ".parquet")
 LOADERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 GROUP_BATCH = 1000               # lines per group_texts batch, as HF's run_clm default
@@ -53,27 +55,50 @@ class Config(TrainConfig):
     text_column: str = Field("text", description="column read from .jsonl/.json/.parquet files")
     block_size: int = Field(512, ge=8, description="tokens per training block (lines get BOS, "
                                                    "are concatenated, then cut)")
+    data_workers: int | None = Field(None, ge=1, description=(
+        "processes tokenizing the data; null: one per core the stage is given. The blocks do "
+        "not depend on it (left out of the cache key)"))
 
 
 DATA_FIELDS = ("data",)
-CACHE_EXCLUDE = RESULT_NEUTRAL          # checkpointing and the launcher timeout
+CACHE_EXCLUDE = RESULT_NEUTRAL + ("data_workers",)   # checkpointing, timeout, tokenizer processes
 CACHE_OMIT_AT_DEFAULT = OMIT_AT_DEFAULT  # new knobs at their old behaviour keep the key
 DIGEST_EXCLUDE = ("trainer_log.jsonl",)   # its tokens_per_s differ run to run; the adapter doesn't
 
 
-def _group(batch: dict, block_size: int) -> dict:
-    ids = [t for seq in batch["input_ids"] for t in seq]
-    n = (len(ids) // block_size) * block_size
-    return {"input_ids": [ids[i:i + block_size] for i in range(0, n, block_size)]}
+def _tokenize_and_cut(batch: dict, tokenizer, text_column: str, block_size: int) -> dict:
+    """One GROUP_BATCH of lines: tokenized (BOS each), concatenated and cut into blocks, the
+    remainder dropped, as the recipe's group_texts does per batch, in numpy rather than
+    Python lists."""
+    import itertools
+
+    import numpy as np
+
+    ids = tokenizer(batch[text_column], return_attention_mask=False)["input_ids"]
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32)
+    n = (len(flat) // block_size) * block_size
+    return {"input_ids": flat[:n].reshape(-1, block_size)}
 
 
-def build_blocks(files: list[Path], tokenizer, block_size: int, text_column: str, work: Path):
+def _blocks_of_rows(job):
+    ds, start, stop, tokenizer, text_column, block_size = job
+    return ds.select(range(start, stop)).map(
+        _tokenize_and_cut, batched=True, batch_size=GROUP_BATCH, remove_columns=ds.column_names,
+        fn_kwargs={"tokenizer": tokenizer, "text_column": text_column, "block_size": block_size})
+
+
+def build_blocks(files: list[Path], tokenizer, block_size: int, text_column: str, work: Path,
+                 num_proc: int | None = None):
     """Tokenize every file (BOS per line) and cut each into block_size blocks (datasets Arrow,
-    on disk under `work`, never a Python list of the corpus)."""
+    on disk under `work`, never a Python list of the corpus).
+
+    num_proc worker processes (None: one per core this process may use) each take a run of
+    whole GROUP_BATCH batches, so the blocks are the same whatever the number of workers."""
     import datasets
     from datasets import concatenate_datasets, load_dataset
 
     datasets.disable_progress_bars()
+    workers = num_proc or len(os.sched_getaffinity(0))
     parts = []
     for f in files:
         ds = load_dataset(LOADERS[f.suffix], data_files=str(f), split="train",
@@ -81,14 +106,25 @@ def build_blocks(files: list[Path], tokenizer, block_size: int, text_column: str
         if text_column not in ds.column_names:
             raise ValueError(f"{f}: no {text_column!r} column (columns: {ds.column_names}); set "
                              "pretrain.text_column to the column holding the text")
-        ds = ds.map(lambda b: {"input_ids": tokenizer(b[text_column])["input_ids"]},
-                    batched=True, remove_columns=ds.column_names, desc=f"tokenize {f.name}")
-        ds = ds.map(_group, batched=True, batch_size=GROUP_BATCH, fn_kwargs={"block_size": block_size},
-                    remove_columns=ds.column_names, desc=f"group {f.name}")
-        log.info("%s: %d blocks of %d tokens", f, len(ds), block_size)
+        n = len(ds)
+        per = max(1, -(-n // workers // GROUP_BATCH)) * GROUP_BATCH
+        jobs = [(ds, a, min(a + per, n), tokenizer, text_column, block_size)
+                for a in range(0, n, per)]
+        if not jobs:
+            continue
+        if len(jobs) == 1:
+            shards = [_blocks_of_rows(job) for job in jobs]
+        else:
+            import multiprocess
+
+            with multiprocess.get_context("fork").Pool(len(jobs)) as pool:
+                shards = pool.map(_blocks_of_rows, jobs)
+        ds = concatenate_datasets(shards)
+        log.info("%s: %d blocks of %d tokens (%d tokenizer process(es))", f, len(ds), block_size,
+                 len(jobs))
         parts.append(ds)
-    blocks = concatenate_datasets(parts)
-    if len(blocks) == 0:
+    blocks = concatenate_datasets(parts) if parts else None
+    if blocks is None or len(blocks) == 0:
         raise ValueError(f"the data ({', '.join(map(str, files))}) gives no full block of "
                          f"{block_size} tokens; add text or lower pretrain.block_size")
     return blocks
@@ -127,7 +163,7 @@ def _builder(config: Config, files: list[Path], model: Path):
         tokenizer = AutoTokenizer.from_pretrained(model)
         with tempfile.TemporaryDirectory(prefix="llamaflow-pt-") as work:
             blocks = build_blocks(files, tokenizer, config.block_size, config.text_column,
-                                  Path(work))
+                                  Path(work), num_proc=config.data_workers)
             train, held_out = split(blocks, config.validation_split, config.seed)
             meta = {"files": [str(f) for f in files], "block_size": config.block_size}
             save_splits({"train": train, "eval": held_out}, ddir, meta)

@@ -47,6 +47,25 @@ def test_blocks_are_bos_per_line_concatenated_and_cut(tiny_hf_model, tmp_path):
     assert blocks["input_ids"] == expected     # independent reference: raw sentencepiece + BOS
 
 
+def test_blocks_do_not_depend_on_the_number_of_tokenizer_processes(tiny_hf_model, tmp_path):
+    """A corpus of several GROUP_BATCH batches, cut by 1, 2 and 3 worker processes: the same
+    blocks, and those of SentencePiece with the recipe's per-batch remainder dropped."""
+    from transformers import AutoTokenizer
+
+    lines = (DEMO_DATA / "corpus_en.txt").read_text(encoding="utf-8").splitlines()
+    lines = (lines * (-(-2600 // len(lines))))[:2600]     # 3 batches, the last one short
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tok = AutoTokenizer.from_pretrained(tiny_hf_model)
+    expected = [b for i in range(0, len(lines), pretrain.GROUP_BATCH)
+                for b in _sp_blocks(tiny_hf_model / "tokenizer.model",
+                                    lines[i:i + pretrain.GROUP_BATCH], 32)]
+    for workers in (1, 2, 3):
+        blocks = pretrain.build_blocks([corpus], tok, 32, "text", tmp_path / f"w{workers}",
+                                       num_proc=workers)
+        assert blocks["input_ids"] == expected, workers
+
+
 def test_jsonl_and_parquet_give_the_same_blocks(tiny_hf_model, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

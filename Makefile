@@ -9,7 +9,8 @@ PYTEST_ARGS ?=
 # (GGML_NATIVE), and its float results then follow the machine: the pinned stories260K GGUF
 # perplexities moved by up to 1.3e-3 between an AVX-512 Intel and an AVX-512 AMD host. A fixed
 # x86-64-v3 instruction set (AVX2, FMA, F16C, BMI2) runs the same kernels, so gives the same bits,
-# on every x86 machine. Set LLAMA_CPP_CMAKE_ARGS= (empty) for a native, faster build.
+# on every x86 machine. Set LLAMA_CPP_CMAKE_ARGS= (empty) for a native, faster build; a CMAKE_ARGS
+# of your own (e.g. -DGGML_CUDA=on) is added after these.
 ifeq ($(shell uname -m),x86_64)
 LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 endif
@@ -24,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PY) -m pip install -q -e ".[dev]"
+	CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS) $$CMAKE_ARGS" $(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
 demo: install

@@ -14,6 +14,7 @@ Variants (`--variants`, default reference,ours):
                         (autocast then carries an fp32 residual stream): why that cast exists
     ours-compile        ours with torch_compile=true
     ours-fsdp           ours under torchrun (1 process) with launcher.strategy=fsdp (FSDP2)
+    ours-chunked-ce     ours with loss_chunk_size=4096 (no batch x seq x vocab logits)
 
 Each variant runs in its own subprocess (clean peak memory: torch.cuda.max_memory_allocated on
 GPU, VmHWM on CPU), under a time limit; a failed or timed-out variant is reported, not fatal.
@@ -40,7 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-VARIANTS = ("reference", "ours", "ours-fp32-residual", "ours-compile", "ours-fsdp")
+VARIANTS = ("reference", "ours", "ours-fp32-residual", "ours-compile", "ours-fsdp",
+            "ours-chunked-ce")
 
 
 def model_config(tiny: bool):
@@ -132,6 +134,10 @@ def run_ours(args, device) -> dict:
                           launcher={"strategy": "fsdp" if fsdp else "ddp"},
                           precision="fp32" if device.type == "cpu" else "bf16")
     model = add_lora(model, cfg.lora, gradient_checkpointing=args.gradient_checkpointing)
+    if args.variant == "ours-chunked-ce":
+        from steps.train.chunked_loss import use_chunked_loss
+
+        use_chunked_loss(model, 4096)
     g = torch.Generator().manual_seed(0)
     n = (args.warmup + args.steps) * args.batch
     # a map-style dataset is all the Trainer needs (the stages pass datasets.Dataset)

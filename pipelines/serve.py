@@ -90,6 +90,12 @@ def _quant_types(latest: dict) -> dict[str, Path]:
 
 def _registry_digest(workdir: Path, name: str | None, alias: str | None) -> tuple[str, str, str]:
     """(registered model, alias, merged digest) of `alias` (default champion, else candidate)."""
+    name, a, version = _registry_version(workdir, name, alias)
+    return name, a, version.tags["llamaflow.digest"]
+
+
+def _registry_version(workdir: Path, name: str | None, alias: str | None):
+    """(registered model, alias, its ModelVersion), looked up once."""
     from mlflow.exceptions import MlflowException
 
     from pipelines.tracking import Tracker
@@ -112,10 +118,24 @@ def _registry_digest(workdir: Path, name: str | None, alias: str | None) -> tupl
             v = client.get_model_version_by_alias(names[0], a)
         except MlflowException:
             continue
-        return names[0], a, v.tags["llamaflow.digest"]
+        return names[0], a, v
     raise ServeError(f"registered model {names[0]!r} has no alias {' or '.join(tried)}: "
                      f"aliases are set by a lifecycle run that merges ({', '.join(ALIASES)}); use "
                      "--alias candidate, a quant type or a path to a .gguf")
+
+
+def _f16_of(workdir: Path, digest: str, label: str) -> tuple[Path, str]:
+    """The f16 GGUF quantized from merged model `digest` (the newest, when a later quantize
+    version made another)."""
+    hits = [(art, m) for art, m in _manifests(workdir)
+            if (m.get("config") or {}).get("qtype") == "f16" and
+            ((m.get("inputs") or {}).get("artifacts") or {}).get("model") == digest]
+    if not hits:
+        raise ServeError(f"registered model {label} (merged digest {digest[:12]}) has no f16 "
+                         f"GGUF in {workdir / 'artifacts' / 'quantize'}: run the lifecycle's "
+                         "quantize stage on it (llamaflow run ... stages=[quantize])")
+    art = max(hits, key=lambda h: (h[0] / "manifest.json").stat().st_mtime)[0]
+    return _gguf_in(art), f"registry {label} (merged {digest[:12]}), f16"
 
 
 def resolve(model: str | None, workdir: Path, *, registered_model: str | None = None,
@@ -130,13 +150,7 @@ def resolve(model: str | None, workdir: Path, *, registered_model: str | None = 
     if model is None or model.startswith("alias:"):
         alias = model.split(":", 1)[1] if model else alias
         name, a, digest = _registry_digest(workdir, registered_model, alias)
-        for art, m in _manifests(workdir):
-            if (m.get("config") or {}).get("qtype") == "f16" and \
-                    ((m.get("inputs") or {}).get("artifacts") or {}).get("model") == digest:
-                return _gguf_in(art), f"registry {name}@{a} (merged {digest[:12]}), f16"
-        raise ServeError(f"registered model {name}@{a} (merged digest {digest[:12]}) has no f16 "
-                         f"GGUF in {workdir / 'artifacts' / 'quantize'}: run the lifecycle's "
-                         "quantize stage on it (llamaflow run ... stages=[quantize])")
+        return _f16_of(workdir, digest, f"{name}@{a}")
     types = _quant_types(_latest(workdir))
     if model.lower() in types:
         return _gguf_in(types[model.lower()]), f"latest run, quantize[{model.lower()}]"
@@ -283,6 +297,10 @@ def lora_gguf(lora: str, lora_base: str | None, served: Served, workdir: Path) -
     from steps.checks import tokenizer_size
     from steps.tokenizer import carries_tokenizer
 
+    if served.source.startswith("registry"):
+        raise ServeError("--lora needs MODEL: the GGUF of the base the adapter was trained on (a "
+                         "path or quant type); the default, the registry's merged model, "
+                         "already has the lifecycle's adapters in it")
     adapter = _adapter_dir(lora, workdir)
     problem = L.lora_problem(adapter)
     if problem:
@@ -426,12 +444,17 @@ def _stop_pid(pid: int, timeout: float = 15) -> None:
             time.sleep(0.1)
 
 
-def _healthy(url: str) -> bool:
-    import requests
-
-    with contextlib.suppress(requests.RequestException):
-        return requests.get(url + "/models", timeout=5).status_code == 200
+def _port_open(host: str, port: int) -> bool:
+    with contextlib.suppress(OSError), \
+            socket.create_connection(("127.0.0.1" if host == "0.0.0.0" else host, port), 2):
+        return True
     return False
+
+
+def _write_state(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(state, indent=2), encoding="utf-8")
+    tmp.replace(path)
 
 
 @contextlib.contextmanager
@@ -470,8 +493,10 @@ def reconcile(workdir: Path, *, alias: str = "champion", host: str = "127.0.0.1"
               startup_timeout: float = 180) -> dict:
     """Make what is served on host:port the f16 GGUF of the registered model's `alias` version.
 
-    Unchanged (same version, its server alive and answering): nothing is done. Otherwise the
-    server started before (its PID in <workdir>/serving/<alias>.json) is stopped and its version
+    Unchanged (same version, its server alive: the PID still serves that file and its port
+    accepts connections): nothing is done. Without the alias (a fresh workspace, or removed) a
+    server started for it is stopped and {"action": "none"} returned. Otherwise the new version's
+    GGUF is checked first; then the server started before (its PID in <workdir>/serving/<alias>.json) is stopped and its version
     loses the `llamaflow.serving_url` tag, then the alias's GGUF is started detached (it outlives
     the flow run; its output in serving/<alias>.log) and, once it answers, its version gets the
     tag with the URL. stop=True only stops. Returns {"action": unchanged|started|restarted|
@@ -488,32 +513,47 @@ def reconcile(workdir: Path, *, alias: str = "champion", host: str = "127.0.0.1"
             _stop_state(client, state)
             state_file.unlink(missing_ok=True)
             return {"action": "stopped" if state else "none", "alias": alias}
-        name, a, digest = _registry_digest(workdir, registered_model, alias)
-        version = str(client.get_model_version_by_alias(name, a).version)
+        try:
+            name, a, mv = _registry_version(workdir, registered_model, alias)
+        except ServeError as e:   # no such alias (yet, or any more): nothing is to be served
+            _stop_state(client, state)
+            state_file.unlink(missing_ok=True)
+            return {"action": "none", "alias": alias, "reason": str(e)}
+        version, digest = str(mv.version), mv.tags["llamaflow.digest"]
         url = f"http://{host}:{port}/v1"
+        # alive = our PID still serves that file and its port accepts connections (not an HTTP
+        # request: llama_cpp.server answers /v1/models only between generations)
         if state and state["version"] == version and state["url"] == url and \
-                _serves(state["pid"], state["path"]) and _healthy(url):
+                _serves(state["pid"], state["path"]) and _port_open(host, port):
             return {"action": "unchanged", **state}
+        # everything about the new version is checked before the old server is stopped
+        gguf, source = _f16_of(workdir, digest, f"{name}@{a}")
+        check_memory(gguf)
+        served = describe(gguf, source)
         _stop_state(client, state)
         state_file.unlink(missing_ok=True)
-        served = prepare(f"alias:{a}", workdir, host, port, registered_model=name)
+        check_port(host, port)
         cmd = server_command(served, host, port, threads=threads, gpu_layers=gpu_layers,
                              n_ctx=n_ctx, template_file=d / f"{alias}.chat_template.json")
         env = {k: v for k, v in os.environ.items() if k not in ("API_KEY", "OPENAI_API_KEY")}
         with open(d / f"{alias}.log", "ab") as log:
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True, env=env)
-        try:
-            wait_ready(url, proc, startup_timeout)
-        except RuntimeError as e:
-            _stop_pid(proc.pid)
-            raise RuntimeError(f"{e}; its output is in {d / (alias + '.log')}") from None
         new = {"alias": a, "registered_model": name, "version": version, "digest": digest,
                "path": str(served.path), "sha256": served.digest, "url": url, "pid": proc.pid,
                "started": time.time()}
-        tmp = state_file.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(new, indent=2), encoding="utf-8")
-        tmp.replace(state_file)
+        # recorded at once: a start that is interrupted (a cancelled flow run) leaves a PID the
+        # next run stops, not a server nobody knows of holding the port
+        _write_state(state_file, {**new, "starting": True})
+        try:
+            wait_ready(url, proc, startup_timeout)
+        except BaseException as e:
+            _stop_pid(proc.pid)
+            state_file.unlink(missing_ok=True)
+            if isinstance(e, RuntimeError):
+                raise RuntimeError(f"{e}; its output is in {d / (alias + '.log')}") from None
+            raise
+        _write_state(state_file, new)
         _tag(client, name, version, url)
         return {"action": "restarted" if state else "started", **new}
 

@@ -37,8 +37,11 @@ def adapter_tensors(adapter: Path) -> list[str]:
 
 def full_weights(names: list[str]) -> list[str]:
     """The tensors of an adapter that are not LoRA pairs or norms: modules trained in full."""
+    # .base_layer. tensors (peft saves them for a LoRA on embed_tokens) are skipped by
+    # llama.cpp's converter: the base has them
     return sorted(n for n in names if not any(k in n for k in (
-        ".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B", "norm")))
+        ".lora_A.", ".lora_B.", ".lora_embedding_A", ".lora_embedding_B", "norm",
+        ".base_layer.")))
 
 
 def lora_problem(adapter: Path) -> str | None:
@@ -73,11 +76,17 @@ def export_lora(adapter: Path, base_hf: Path, out: Path, outtype: str = "f32") -
         raise ValueError(problem)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
+    # a temp name of its own: two exports of one adapter at once each write their own file
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.partial")
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}
-    r = subprocess.run([sys.executable, str(converters() / "convert_lora_to_gguf.py"), str(adapter),
-                        "--base", str(base_hf), "--outtype", outtype, "--outfile", str(tmp)],
-                       capture_output=True, text=True, env=env, timeout=1800)
+    try:
+        r = subprocess.run([sys.executable, str(converters() / "convert_lora_to_gguf.py"),
+                            str(adapter), "--base", str(base_hf), "--outtype", outtype,
+                            "--outfile", str(tmp)],
+                           capture_output=True, text=True, env=env, timeout=1800)
+    except subprocess.TimeoutExpired:
+        tmp.unlink(missing_ok=True)
+        raise RuntimeError(f"llama.cpp's convert_lora_to_gguf.py took over 30 min on {adapter}")
     if r.returncode or not tmp.is_file():
         tmp.unlink(missing_ok=True)
         raise RuntimeError(f"llama.cpp's convert_lora_to_gguf.py failed on {adapter} (exit "
@@ -87,11 +96,13 @@ def export_lora(adapter: Path, base_hf: Path, out: Path, outtype: str = "f32") -
 
 
 def export_key(adapter: Path, base_hf: Path, outtype: str) -> str:
-    """The cache name of an export: the adapter's files and the base's config by content."""
+    """The cache name of an export: the adapter's files and the base's config by content, and
+    the llama.cpp version whose converter writes it."""
     from steps.digests import sha256_files
+    from steps.llamacpp_tools import installed_version
 
     files = [Path(adapter) / ADAPTER_FILE, Path(adapter) / "adapter_config.json",
              Path(base_hf) / "config.json"]
     h = hashlib.sha256(sha256_files([f for f in files if f.is_file()]).encode())
-    h.update(outtype.encode())
+    h.update(f"{outtype} {installed_version()}".encode())
     return h.hexdigest()[:16]

@@ -61,7 +61,7 @@ class Config(TrainConfig):
 
 
 DATA_FIELDS = ("data",)
-CACHE_EXCLUDE = RESULT_NEUTRAL + ("data_workers",)   # checkpointing, timeout, tokenizer processes
+CACHE_EXCLUDE = RESULT_NEUTRAL          # checkpointing, the launcher timeout, tokenizer processes
 CACHE_OMIT_AT_DEFAULT = OMIT_AT_DEFAULT  # new knobs at their old behaviour keep the key
 DIGEST_EXCLUDE = ("trainer_log.jsonl",)   # its tokens_per_s differ run to run; the adapter doesn't
 

@@ -167,9 +167,10 @@ def chat_template(template: str = ALPACA_ZH_TEMPLATE, *, bos: bool = True) -> st
     if not sep:
         raise ValueError("the SFT prompt template has no {instruction}")
     # the fixed texts as Jinja string literals: no block tag trims their newlines
-    return (("{{ bos_token }}" if bos else "") + "{{ " + json.dumps(prefix) + " }}"
-            "{{ (messages | selectattr('role', 'equalto', 'user') | list | last)['content'] }}"
-            "{{ " + json.dumps(suffix) + " }}")
+    # UTF-8 as is (ensure_ascii off): llama.cpp's own Jinja engine need not decode \uXXXX
+    return (("{{ bos_token }}" if bos else "") + "{{ " + json.dumps(prefix, ensure_ascii=False) +
+            " }}{{ (messages | selectattr('role', 'equalto', 'user') | list | last)['content'] }}"
+            "{{ " + json.dumps(suffix, ensure_ascii=False) + " }}")
 
 
 def encode(rec: dict, tokenizer, template: str, max_len: int, eos: int | None = None) -> dict:
@@ -252,27 +253,26 @@ def build_examples(files: list[Path], tokenizer, cfg: Config, work: Path, field:
 
 
 def make_collate(pad_id: int):
-    """Rows right-padded with pad_id (labels -100) and an attention mask; packed rows (with
-    position_ids) get position ids instead, their padding a block of its own (positions from 0),
-    so examples stay apart (see _pack)."""
+    """Rows right-padded with pad_id (labels -100) and an attention mask. Packed rows (with
+    position_ids) become one row: the micro-batch's rows end to end, with their position ids and
+    no attention mask, so every example attends only to itself on every attention kernel
+    (FlashAttention-2 takes variable-length sequences from the position ids of a one-row batch
+    only) and no padding is computed. The loss is the same mean over the supervised tokens: each
+    example's first label is -100, so nothing is learnt across a row boundary."""
     def collate(rows: list[dict]) -> dict:
         import torch
+        if "position_ids" in rows[0]:
+            return {k: torch.tensor([[t for r in rows for t in r[k]]], dtype=torch.long)
+                    for k in ("input_ids", "labels", "position_ids")}
         n = max(len(r["input_ids"]) for r in rows)
         ids = torch.full((len(rows), n), pad_id, dtype=torch.long)
         labels = torch.full((len(rows), n), IGNORE_INDEX, dtype=torch.long)
         mask = torch.zeros((len(rows), n), dtype=torch.long)
-        packed = "position_ids" in rows[0]
-        pos = torch.zeros((len(rows), n), dtype=torch.long)
         for j, r in enumerate(rows):
             k = len(r["input_ids"])
             ids[j, :k] = torch.tensor(r["input_ids"])
             labels[j, :k] = torch.tensor(r["labels"])
             mask[j, :k] = 1
-            if packed:
-                pos[j, :k] = torch.tensor(r["position_ids"])
-                pos[j, k:] = torch.arange(n - k)
-        if packed:
-            return {"input_ids": ids, "labels": labels, "position_ids": pos}
         return {"input_ids": ids, "labels": labels, "attention_mask": mask}
     return collate
 

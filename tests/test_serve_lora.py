@@ -130,6 +130,10 @@ def test_lifecycle_adapters_are_refused_with_the_reason(demo_first_run, capsys):
         err = capsys.readouterr().err
         assert rc == 2 and "modules_to_save" in err and "embed_tokens" in err, err
         assert "serve-model f16" in err and "modules_to_save=[]" in err
+    # without MODEL the default is the registry's merged model, which has the adapters in it
+    rc = main(["serve-model", "--workdir", str(workdir), "--lora", "sft", "--port",
+               str(_free_port())])
+    assert rc == 2 and "--lora needs MODEL" in capsys.readouterr().err
     sft = Path(latest["stages"]["sft"]["artifact"])
     base = Path(latest["stages"]["vocab"]["artifact"])
     r = subprocess.run([sys.executable, str(converters() / "convert_lora_to_gguf.py"), str(sft),
@@ -139,6 +143,18 @@ def test_lifecycle_adapters_are_refused_with_the_reason(demo_first_run, capsys):
     assert r.returncode != 0 and "Not a lora_A or lora_B tensor" in r.stderr, r.stderr[-2000:]
     assert "modules_to_save" in r.stderr
     assert not (sft.parent / "refused.gguf").exists()
+
+
+def test_what_counts_as_a_weight_trained_in_full():
+    names = ["base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+             "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight",
+             "base_model.model.model.embed_tokens.lora_embedding_A",
+             "base_model.model.model.embed_tokens.base_layer.weight",   # skipped by llama.cpp too
+             "base_model.model.model.layers.0.input_layernorm.weight"]
+    assert L.full_weights(names) == []
+    full = ["base_model.model.lm_head.modules_to_save.weight",
+            "base_model.model.model.embed_tokens.weight"]
+    assert L.full_weights(names + full) == sorted(full)
 
 
 def test_lora_bad_input(plain_lora, base_f32, tmp_path, capsys, tiny_hf_model):

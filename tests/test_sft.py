@@ -210,7 +210,7 @@ def test_packing_keeps_every_token(tiny_hf_model, tmp_path):
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_a_packed_example_is_computed_as_it_is_alone(tiny_hf_model, tmp_path, attn):
-    """Rows of several examples (and a shorter row padded beside them): every example's logits,
+    """Two packed rows in one micro-batch (collated into one row): every example's logits,
     hence its loss and gradients, equal those of the example run alone; without the position
     ids (the earlier packing) the later examples saw the ones before them."""
     from transformers import AutoModelForCausalLM
@@ -224,7 +224,6 @@ def test_a_packed_example_is_computed_as_it_is_alone(tiny_hf_model, tmp_path, at
     short = sft._pack({"input_ids": [e["input_ids"] for e in examples[4:6]],
                        "labels": [e["labels"] for e in examples[4:6]]}, 10_000)
     rows = [{k: v[0] for k, v in batch_rows.items()}, {k: v[0] for k, v in short.items()}]
-    assert len(rows[0]["input_ids"]) > len(rows[1]["input_ids"])     # the second row is padded
     model = AutoModelForCausalLM.from_pretrained(tiny_hf_model, dtype=torch.float32,
                                                  attn_implementation=attn).eval()
     if model.get_input_embeddings().weight.shape[0] < len(tok):
@@ -234,21 +233,21 @@ def test_a_packed_example_is_computed_as_it_is_alone(tiny_hf_model, tmp_path, at
     model.config.use_cache = False
     collate = sft.make_collate(tok.pad_token_id)
     batch = collate(rows)
-    assert "attention_mask" not in batch
+    assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
+    assert batch["input_ids"].shape[1] == sum(len(r["input_ids"]) for r in rows)   # no padding
     with torch.no_grad():
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
         leaky = model(input_ids=batch["input_ids"],
                       attention_mask=(batch["position_ids"] >= 0).long()).logits
         worst, leak = 0.0, 0.0
-        for row, group in ((0, examples[:4]), (1, examples[4:6])):
-            at = 0
-            for e in group:
-                k = len(e["input_ids"])
-                alone = model(input_ids=torch.tensor([e["input_ids"]])).logits[0]
-                worst = max(worst, float((packed[row, at:at + k] - alone).abs().max()))
-                if at:
-                    leak = max(leak, float((leaky[row, at:at + k] - alone).abs().max()))
-                at += k
+        at = 0
+        for e in examples:
+            k = len(e["input_ids"])
+            alone = model(input_ids=torch.tensor([e["input_ids"]])).logits[0]
+            worst = max(worst, float((packed[0, at:at + k] - alone).abs().max()))
+            if at:
+                leak = max(leak, float((leaky[0, at:at + k] - alone).abs().max()))
+            at += k
     assert worst < 1e-5 and leak > 1e-2, (worst, leak)
     # and the loss over the packed batch is the token-weighted mean of the examples' own losses
     with torch.no_grad():

@@ -17,7 +17,8 @@ LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_pr
 # Settings that change neither the adapter nor its log: checkpointing (resume is bitwise exact)
 # and the launcher timeout, so a longer timeout resumes the same run instead of starting anew.
 # Left out of the stage cache key (the stages' CACHE_EXCLUDE) and of the resume fingerprint.
-RESULT_NEUTRAL = ("save_every", "save_total_limit", "launcher.timeout_s")
+RESULT_NEUTRAL = ("save_every", "save_total_limit", "launcher.timeout_s",
+                  "data_workers")   # pretrain's tokenizer processes: the same blocks
 # Settings added after adapters were cached and fingerprinted: at these values (the old
 # behaviour) they are left out of the cache key and the resume fingerprint, which stay as before.
 OMIT_AT_DEFAULT = {"loss_chunk_size": 0}

@@ -203,12 +203,41 @@ def test_submission_checks():
 
 # -- on a demo run ------------------------------------------------------------------------------
 
+def test_traces_go_to_each_workspaces_own_mlflow(tmp_path):
+    """Two workspaces (two MLflow databases) in one process, as a test session or a worker runs
+    them: each one's generations are traced in its own database, though MLflow's tracer builds
+    its exporter for the tracking URI it first starts with (reviews._tracing_to points it)."""
+    from types import SimpleNamespace
+
+    from pipelines import reviews
+
+    seen = {}
+    for name in ("first", "second"):
+        ws = tmp_path / name
+        art = ws / "artifacts" / "evaluate" / "k"
+        art.mkdir(parents=True)
+        (art / "generations.jsonl").write_text("\n".join(json.dumps(
+            {"mode": "greedy", "instruction": f"{name} {i}", "output": "ok"}) for i in range(2)))
+        tracker = _tracker(ws)
+        run_id = tracker.start_run(f"evaluate[{name}]")
+        artifact = SimpleNamespace(path=str(art), digest=f"digest-{name}")
+        assert reviews.ensure_traces(tracker, run_id, "evaluate[merged]", artifact) == 2
+        seen[name] = (tracker, artifact.digest)
+    for name, (tracker, digest) in seen.items():
+        assert len(reviews.traces_of(tracker, digest)) == 2, name
+    (t1, d1), (t2, d2) = seen["first"], seen["second"]
+    assert reviews.traces_of(t1, d2) == [] and reviews.traces_of(t2, d1) == []
+
+
 @pytest.fixture(scope="module")
 def reviewed_demo(demo_first_run):
     """The demo workspace after a second `run_demo` (every evaluate stage a cache hit)."""
     from pipelines.demo import run_demo
 
     workdir, _ = demo_first_run
+    # the whole demo first (all hits): other tests run single stages in this shared workspace,
+    # and latest.json is their run's, which may have no evaluate stage (CI: 0 evaluations)
+    run_demo(workdir)
     tracker = _tracker(workdir)
     evaluations = evaluations_of_workdir(workdir)
     first = {m: sorted(t.info.trace_id for t in ts)

@@ -335,13 +335,7 @@ def serve_model(args: list[str], timeout: float = 90):
         assert "EOS id:" in text, f"serve-model did not come up: {text}"
         yield text, proc
     finally:
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(10)
+        stop_group(proc, timeout=20)   # the CLI leads its own group; its server has another
         if server_pid is not None:   # stopped by the CLI; SIGKILL in case it was not
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(server_pid, signal.SIGKILL)
